@@ -1,0 +1,143 @@
+"""Small I/O helpers shared by every script: user-facing input errors, strict text reading and
+atomic writes.
+
+Conventions
+-----------
+* A problem with the *user's input* (a bad line, a missing file, a refused overwrite) raises
+  :class:`InputError`.  Every CLI's ``main`` is wrapped by :func:`run_cli`, which prints the message
+  (``error: FILE:LINE: what (got VALUE)``) without a traceback and exits with status 2.
+* Every output file is written to ``<name>.tmp-<pid>`` next to its final path and renamed into place
+  only when complete (:func:`atomic_output`), so a crash never leaves a half-written file under the
+  final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class InputError(Exception):
+    """A user error in an input file or argument: names the file, the line and the bad value."""
+
+    def __init__(self, message: str, path: Optional[PathLike] = None, line: Optional[int] = None,
+                 value: Any = None):
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.value = value
+        where = ""
+        if self.path is not None:
+            where = self.path + (f":{line}" if line is not None else "") + ": "
+        got = "" if value is None else f" (got {value!r})"
+        super().__init__(f"{where}{message}{got}")
+
+
+def require_file(path: PathLike, what: str = "input file") -> Path:
+    """Return ``Path(path)`` or raise :class:`InputError` if it is not an existing file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found", path=p)
+    return p
+
+
+def iter_lines(path: PathLike, what: str = "input file") -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` of a UTF-8 text file, 1-based, without the line end.
+
+    Accepts LF and CRLF line ends and a leading UTF-8 byte-order mark.  Bytes that are not UTF-8 raise
+    :class:`InputError` naming the line.  Blank lines are yielded (callers decide what they mean).
+    """
+    p = require_file(path, what)
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[max(0, e.start - 10): e.end + 10]
+                raise InputError("bytes that are not UTF-8", path=p, line=number, value=bad) from None
+            yield number, line.rstrip("\r\n")
+
+
+def parse_int(text: str, path: PathLike, line: int, what: str = "id", allow_negative: bool = False) -> int:
+    """Parse an integer field, raising :class:`InputError` naming file, line and value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"{what} is not an integer", path=path, line=line, value=text) from None
+    if value < 0 and not allow_negative:
+        raise InputError(f"{what} is negative", path=path, line=line, value=text)
+    return value
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f"{final.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
+
+    On any exception the temporary file is removed and whatever was at ``path`` before is untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8, LF) to ``path`` atomically."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=None, sort_keys=False))
+
+
+def atomic_save_npy(path: PathLike, array: Any) -> None:
+    """``np.save`` to ``path`` atomically (the name is kept exactly; no ``.npy`` is appended)."""
+    import numpy as np
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def refuse_existing(path: PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Raise :class:`InputError` if ``path`` exists and ``overwrite`` is false."""
+    if Path(path).exists() and not overwrite:
+        raise InputError(f"output already exists; pass {flag} to replace it", path=path)
+
+
+def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None) -> None:
+    """Run a script's ``main(argv)``; user errors become one ``error:`` line and exit status 2."""
+    try:
+        result = main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:  # disk full, read-only location, file size limit
+        if e.filename is None and e.errno is None:
+            raise
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(result, int):
+        raise SystemExit(result)

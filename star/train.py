@@ -1,0 +1,441 @@
+"""Train a dense retriever with STAR (static hard negatives + in-batch negatives) or the Inbatch-Neg / Rand-Neg
+baselines (spec §3.9, §5.1–§5.3, §6).
+
+    python star/train.py --init_path data/passage/warmup --preprocess_dir data/passage/preprocess \\
+        --hardneg_path data/passage/warmup_retrieve/hard.npy --output_dir data/passage/star_train/models --fp16
+    torchrun --nproc_per_node 4 star/train.py ... --per_device_train_batch_size 64     # same global batch 256
+
+Losses (pairwise logistic over masked score matrices, ``losses.py``), per ``--negative_mode``:
+  * ``star`` (default): L = [Σ M_ij·sp(s_ij − s_ii) + Σ N_ik·sp(u_ik − s_ii)] / [Σ M + Σ N] — every query against
+    the other queries' positives and ALL hard negatives of the batch, one pooled mean, no α (faithful).
+  * ``inbatch``: L = Σ M_ij·sp(s_ij − s_ii) / Σ M.
+  * ``rand``: L = Σ N_ik·sp(t_ik − s_ii) / Σ N over ALL B·R random corpus docs of the batch (in-batch
+    positives unused).
+
+Distributed data parallel (a deviation; the original trained on one GPU): each rank encodes its
+``--per_device_train_batch_size`` items, document embeddings (and their ids, for the relevance masks) are
+gathered from every rank, and each rank's loss covers its local queries against the whole global batch's
+documents: ``loss_r = Σ_local pair terms / Σ_global pair count · world_size``.  DDP's gradient averaging then
+gives exactly the single-process gradient of the global batch (the gather's backward sums every rank's
+gradient for the local documents).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import train_utils as tu
+from dataset import (TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
+                     TrainInbatchWithRandDataset, load_hardneg, load_rel, not_relevant_mask)
+from io_utils import InputError, atomic_write_json, require_file, run_cli
+from losses import inbatch_loss, randneg_loss, star_loss
+from model import DenseEncoder
+
+logger = logging.getLogger("star.train")
+
+MODES = ("star", "inbatch", "rand")
+DOC_TENSORS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask",
+               "other_doc_input_ids", "other_doc_attention_mask", "rel_pair_mask", "other_pair_mask")
+# settings that decide the data order / batch composition: a resume with other values is not exact
+RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "world_size", "hard_num", "rand_num", "max_query_length", "max_doc_length")
+
+EPILOG = """\
+Batch size: --per_device_train_batch_size is per process (as in HF).  Negatives are shared across the whole
+global batch of per_device x world_size queries; one optimizer step covers per_device x world_size x
+gradient_accumulation_steps queries (accumulated micro-batches do not see each other's negatives).
+
+Kept from the original on purpose: the pooled loss with no alpha (issue #20); --hard_num 1 (the original
+hard-coded 1); the 100-epoch linear schedule (the authors stopped the run around 50k steps, LR still ~75%%
+of peak); weight decay on every parameter except names containing "bias" or "LayerNorm.weight", so the head's
+norm.weight IS decayed; Lamb without bias correction, decay inside the trust ratio, weight norm clamped at 10;
+the first 10 batches padded to the maximum lengths.
+
+Fixed / changed: --logging_dir is honoured (the original always wrote output_dir/log, which is our default);
+TensorBoard works (tags loss, learning_rate, epoch every --logging_steps); --resume continues exactly from the
+latest checkpoint-<step> (data order depends only on seed and epoch); checkpoints are plain model folders
+plus trainer_state.pt; the Inbatch-Neg and Rand-Neg baselines (removed from the original repo) are
+--negative_mode inbatch|rand (their historical batch 64 / lr 5e-6 defaults are not restored: pass them); with
+lamb, --adam_beta1/2 are passed to Lamb (the original ignored them; the defaults are the same); adamw is
+torch.optim.AdamW; DDP via torchrun; --bf16.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data and model")
+    data.add_argument("--init_path", required=True, help="warm-up model folder (e.g. the ANCE/STAR warm-up)")
+    data.add_argument("--preprocess_dir", required=True,
+                      help="preprocess output: passages.*, train-query.*, train-qrel.tsv")
+    data.add_argument("--negative_mode", choices=MODES, default="star",
+                      help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg "
+                           "(default star)")
+    data.add_argument("--hardneg_path", help="hard.npy (+ hard_qids.npy) or hard.json of the TRAIN queries "
+                                             "(star/prepare_hardneg.py --mode train); required for star")
+    data.add_argument("--hard_num", type=int, default=1,
+                      help="hard negatives sampled per query per epoch (default 1, as the original)")
+    data.add_argument("--rand_num", type=int, default=1,
+                      help="random corpus docs per query for --negative_mode rand (default 1; the paper's "
+                           "value is not in the repo)")
+    data.add_argument("--max_query_length", type=int, default=24, help="query truncation (default 24)")
+    data.add_argument("--max_doc_length", type=int, default=120,
+                      help="doc truncation, end token kept (default 120: passages; the code comment says 512 "
+                           "for documents)")
+    data.add_argument("--padding", action="store_true", help="always pad batches to the maximum lengths")
+    data.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", default="./data/passage/star_train/models",
+                     help="checkpoints (checkpoint-<step>/) and the final model (default %(default)s)")
+    out.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT_DIR/log)")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="train into a non-empty output_dir (its old checkpoint-* folders are removed)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint in output_dir as if never stopped "
+                          "(starts from scratch when there is none)")
+    out.add_argument("--logging_steps", type=int, default=50, help="TensorBoard/console interval (default 50)")
+    out.add_argument("--save_steps", type=int, default=None,
+                     help="also checkpoint every N steps (default: only at each epoch end, as the original)")
+    out.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--per_device_train_batch_size", type=int, default=256,
+                     help="queries per process per micro-batch (default 256)")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="default lamb")
+    opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument("--weight_decay", type=float, default=0.01)
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="clip (after fp16 unscaling); <= 0: off")
+    opt.add_argument("--num_train_epochs", type=float, default=100.0,
+                     help="schedule length (default 100, faithful; the authors killed the run ~50k steps)")
+    opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
+    opt.add_argument("--warmup_steps", type=int, default=1000)
+    opt.add_argument("--seed", type=int, default=42)
+
+    hw = p.add_argument_group("hardware")
+    prec = hw.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="float16 autocast + GradScaler (losses in fp32)")
+    prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a deviation; losses in fp32)")
+    hw.add_argument("--no_cuda", action="store_true", help="train on the CPU even if CUDA is available")
+    hw.add_argument("--dataloader_num_workers", type=int, default=0)
+    hw.add_argument("--do_train", action="store_true", help="accepted for compatibility (always trains)")
+    hw.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                    help="ignored: the rank comes from torchrun's environment")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise :class:`InputError` for inconsistent arguments."""
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "hard_num", "rand_num",
+                "max_query_length", "max_doc_length", "logging_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1", value=getattr(args, name))
+    if args.negative_mode == "star" and not args.hardneg_path:
+        raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
+    if args.negative_mode != "star" and args.hardneg_path:
+        logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
+    if args.warmup_steps < 0 or args.learning_rate < 0 or args.dataloader_num_workers < 0:
+        raise InputError("--warmup_steps, --learning_rate and --dataloader_num_workers must be >= 0")
+    if args.logging_dir is None:
+        args.logging_dir = str(Path(args.output_dir) / "log")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    dataset: TrainInbatchDataset
+    collator: TrainCollator
+    rel_dict: dict[int, list[int]]
+
+
+def load_training_data(args: argparse.Namespace, pad_token_id: int) -> TrainData:
+    """``train-qrel.tsv``, ``train-query`` and ``passages`` of ``--preprocess_dir`` → the mode's dataset and
+    collator."""
+    folder = Path(args.preprocess_dir)
+    rel_dict = load_rel(require_file(folder / "train-qrel.tsv", "training qrels"))
+    queries, docs = TokenIdsCache(folder, "train-query"), TokenIdsCache(folder, "passages")
+    common = (rel_dict, queries, docs, args.max_query_length, args.max_doc_length, args.seed)
+    if args.negative_mode == "star":
+        dataset = TrainInbatchWithHardDataset(*common, hardneg=load_hardneg(args.hardneg_path),
+                                              hard_num=args.hard_num)
+    elif args.negative_mode == "rand":
+        dataset = TrainInbatchWithRandDataset(*common, rand_num=args.rand_num)
+    else:
+        dataset = TrainInbatchDataset(*common)
+    collator = TrainCollator(args.max_query_length, args.max_doc_length, rel_dict, pad_token_id=pad_token_id,
+                             padding=args.padding)
+    return TrainData(dataset, collator, rel_dict)
+
+
+def mark_batches_collated(collator: TrainCollator, n: int) -> None:
+    """Resume: tell the collator ``n`` batches were already collated (only its first batches are fully padded)."""
+    for part in (collator.queries, collator.docs):
+        part.batches_seen = n
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors moved to ``device`` (id lists kept as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model step
+# ----------------------------------------------------------------------------------------------------------
+
+class BatchEncoder(torch.nn.Module):
+    """Encodes a training batch's queries, positives and extra docs in one module call (one DDP forward)."""
+
+    def __init__(self, encoder: DenseEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        q = self.encoder(batch["query_input_ids"], batch["query_attention_mask"])
+        d = self.encoder(batch["doc_input_ids"], batch["doc_attention_mask"])
+        others = None
+        if "other_doc_input_ids" in batch:
+            others = self.encoder(batch["other_doc_input_ids"], batch["other_doc_attention_mask"])
+        return q, d, others
+
+
+def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[torch.Tensor],
+               batch: dict[str, Any], rel_dict: dict[int, list[int]]) -> torch.Tensor:
+    """This process's loss for one (micro-)batch of embeddings, in float32.
+
+    One process: the §5 loss of the mode (``star_loss`` / ``inbatch_loss`` / ``randneg_loss`` with the
+    collator's masks).  Under DDP: the candidates (positives for inbatch; random docs for rand; positives and
+    hard docs for star) of ALL ranks are gathered with :func:`train_utils.all_gather_with_grad`, the masks are
+    rebuilt against them from the gathered ids, and the same pooled formula over local queries × global
+    candidates (``randneg_loss`` = Σ mask·sp(q_i·c_k − q_i·d_i) / Σ mask) is rescaled to
+    ``local pair sum / global pair count × world_size``, so DDP's gradient average equals the single-process
+    gradient and ``Σ_ranks loss / world_size`` equals the single-process loss.
+    """
+    if tu.get_world_size() == 1:
+        if mode == "star":
+            return star_loss(q, d, others, batch["rel_pair_mask"], batch["other_pair_mask"])
+        if mode == "rand":
+            return randneg_loss(q, d, others, batch["other_pair_mask"])
+        return inbatch_loss(q, d, batch["rel_pair_mask"])
+    ids = tu.all_gather_object((batch["pos_ids"], batch.get("other_ids", [])))
+    parts, cand_ids = [], []
+    if mode in ("star", "inbatch"):
+        parts.append(tu.all_gather_with_grad(d, [len(pos) for pos, _ in ids]))
+        cand_ids += [p for pos, _ in ids for p in pos]
+    if mode in ("star", "rand"):
+        parts.append(tu.all_gather_with_grad(others, [len(other) for _, other in ids]))
+        cand_ids += [o for _, other in ids for o in other]
+    mask = not_relevant_mask(batch["qids"], cand_ids, rel_dict).to(q.device)
+    local_mean = randneg_loss(q, d, torch.cat(parts), mask)
+    local_count = mask.sum()
+    global_count = tu.all_reduce_sum(local_count)
+    return local_mean * local_count / global_count.clamp(min=1.0) * tu.get_world_size()
+
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, Any], mode: str, rel_dict: dict[int, list[int]],
+                 device: torch.device, fp16: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Encode a collated batch (under autocast if asked) and return :func:`batch_loss` (computed in fp32).
+    ``model`` is a :class:`BatchEncoder`, possibly wrapped in DDP."""
+    batch = to_device(batch, device)
+    with tu.autocast_context(device, fp16, bf16):
+        q, d, others = model(batch)
+    with tu.fp32_context(device):
+        return batch_loss(mode, q.float(), d.float(), None if others is None else others.float(), batch, rel_dict)
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any]], n_micro: int, mode: str,
+                         rel_dict: dict[int, list[int]], device: torch.device, scaler: torch.amp.GradScaler,
+                         fp16: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Forward + backward over the ``n_micro`` micro-batches of one optimizer step (each loss divided by
+    ``n_micro``; DDP gradient sync only on the last).  Returns this rank's summed loss (detached)."""
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        no_sync = isinstance(model, DistributedDataParallel) and i < n_micro - 1
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            loss = forward_loss(model, batch, mode, rel_dict, device, fp16, bf16) / n_micro
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands: ``epoch`` (0-based, current), optimizer steps done in it, and in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def _resume_state(args: argparse.Namespace, world_size: int, checkpoint: Path,
+                  model: DenseEncoder, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  scaler: torch.amp.GradScaler) -> Progress:
+    extra = tu.load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+    saved = extra.get("settings", {})
+    now = {**{k: getattr(args, k, None) for k in RESUME_KEYS}, "world_size": world_size}
+    changed = [f"{k}: {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        logger.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
+                       "; ".join(changed))
+    logger.info("resuming from %s (epoch %d, step %d in epoch, global step %d)", checkpoint, extra["epoch"],
+                extra["step_in_epoch"], extra["global_step"])
+    return Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
+
+
+def _settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    return {**{k: getattr(args, k) for k in RESUME_KEYS if k != "world_size"}, "world_size": world_size}
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run training as configured by the parsed ``args``; returns the output folder holding the final model."""
+    info = tu.init_distributed(no_cuda=args.no_cuda)
+    try:
+        return _train(args, info)
+    finally:
+        tu.cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
+    output_dir = Path(args.output_dir)
+    tu.prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    checkpoint = tu.latest_checkpoint(output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    tu.set_seed(args.seed)
+
+    model = DenseEncoder.from_pretrained(args.init_path)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(info.device)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    data = load_training_data(args, pad_id)
+    sampler = tu.GlobalBatchSampler(len(data.dataset), args.per_device_train_batch_size, args.seed,
+                                    info.world_size, info.rank)
+    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
+                                  args.num_train_epochs, args.max_steps)
+    optimizer = tu.build_optimizer(args.optimizer_str, tu.param_groups(model, args.weight_decay),
+                                   args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+    scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
+    scaler = tu.make_grad_scaler(info.device, args.fp16)
+    progress = Progress()
+    if checkpoint is not None:
+        progress = _resume_state(args, info.world_size, checkpoint, model, optimizer, scheduler, scaler)
+        mark_batches_collated(data.collator, progress.epoch * plan.micro_batches_per_epoch
+                              + progress.step_in_epoch * plan.gradient_accumulation_steps)
+    wrapped: torch.nn.Module = BatchEncoder(model)
+    if info.distributed:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda"
+                                          else None)
+    if info.is_main:
+        logger.info("%s training: %d queries, global batch %d x %d accumulation, %d steps/epoch, %d steps "
+                    "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
+                    args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
+                    plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
+    log = tu.TrainLogger(args.logging_dir, plan.total_steps, progress.global_step, enabled=info.is_main,
+                         purge_step=progress.global_step if checkpoint is not None else None)
+    try:
+        _loop(args, info, wrapped, model, data, sampler, plan, optimizer, scheduler, scaler, progress, log)
+    finally:
+        log.close()
+    if info.is_main:
+        model.save_pretrained(output_dir)
+        atomic_write_json(output_dir / "training_args.json", vars(args))
+    tu.barrier()
+    return output_dir
+
+
+def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module, model: DenseEncoder,
+          data: TrainData, sampler: tu.GlobalBatchSampler, plan: tu.TrainingPlan,
+          optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, progress: Progress,
+          log: tu.TrainLogger) -> None:
+    wrapped.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    loader_generator = torch.Generator()  # DataLoader draws its worker base seed here, not from the global RNG
+    settings = _settings(args, info.world_size)
+    interval_loss, interval_steps = torch.zeros((), device=info.device), 0
+    last_saved = progress.global_step if progress.global_step else -1  # resumed: that step is on disk
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        nonlocal last_saved
+        tu.save_checkpoint(args.output_dir, progress.global_step, model, optimizer, scheduler, scaler,
+                           {"epoch": epoch, "step_in_epoch": step_in_epoch, "settings": settings},
+                           args.save_total_limit)
+        last_saved = progress.global_step
+
+    def write_log() -> None:
+        nonlocal interval_loss, interval_steps
+        loss = (tu.all_reduce_sum(interval_loss) / info.world_size / interval_steps).item()
+        epoch = progress.epoch + progress.step_in_epoch / plan.steps_per_epoch
+        log.log({"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch}, progress.global_step)
+        interval_loss, interval_steps = torch.zeros((), device=info.device), 0
+
+    while progress.global_step < plan.total_steps and progress.epoch < plan.num_epochs:
+        data.dataset.set_epoch(progress.epoch)
+        sampler.set_epoch(progress.epoch, start_batch=progress.step_in_epoch * plan.gradient_accumulation_steps)
+        loader_generator.manual_seed(tu.epoch_seed(args.seed, progress.epoch))
+        loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collator,
+                            num_workers=args.dataloader_num_workers, pin_memory=info.device.type == "cuda",
+                            generator=loader_generator)
+        batches: Iterator[dict[str, Any]] = iter(loader)
+        while progress.step_in_epoch < plan.steps_per_epoch and progress.global_step < plan.total_steps:
+            n_micro = plan.micro_batches_in_step(progress.step_in_epoch)
+            step_loss = accumulate_gradients(wrapped, itertools.islice(batches, n_micro), n_micro,
+                                             args.negative_mode, data.rel_dict, info.device, scaler,
+                                             args.fp16, args.bf16)
+            tu.optimizer_step(parameters, optimizer, scheduler, scaler, args.max_grad_norm)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            interval_loss += step_loss
+            interval_steps += 1
+            log.step(1)
+            if progress.global_step % args.logging_steps == 0:
+                write_log()
+            if args.save_steps and args.save_steps > 0 and progress.global_step % args.save_steps == 0:
+                save(progress.epoch, progress.step_in_epoch)
+        del batches, loader
+        if progress.step_in_epoch == plan.steps_per_epoch:
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            if last_saved != progress.global_step:
+                save(progress.epoch, 0)  # every epoch end, as the original's callback
+    if interval_steps:
+        write_log()
+    if last_saved != progress.global_step:
+        save(progress.epoch, progress.step_in_epoch)
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = build_parser().parse_args(argv)
+    main_process = os.environ.get("RANK", "0") in ("", "0")
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    validate_args(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

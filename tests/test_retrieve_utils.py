@@ -1,0 +1,320 @@
+"""retrieve_utils: exact search (in RAM, streamed, GPU when present) against a brute-force numpy reference,
+rank files, embedding-memmap validation, and the resumable length-sorted encoder."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from transformers import RobertaConfig
+
+import retrieve_utils as ru
+from dataset import SequenceDataset, TokenIdsCache, truncate_keep_end
+from io_utils import InputError
+from model import DenseEncoder
+
+VOCAB = 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers (also used by test_inference.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models and searches run fastest on one thread (spinning OpenMP/BLAS threads fighting other processes
+    for the cores can make them 100x slower)."""
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def write_token_memmap(folder: Path, prefix: str, lengths: list[int], width: int, seed: int) -> list[np.ndarray]:
+    """Write ``{prefix}.memmap`` / ``_length.npy`` / ``_meta`` in the preprocess format (``<s>=0 … </s>=2``,
+    0-padded); return the stored sequences."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), width), np.int32)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = [0, *rng.integers(4, VOCAB, size=length - 2), 2]
+    folder.mkdir(parents=True, exist_ok=True)
+    ids.tofile(folder / f"{prefix}.memmap")
+    np.save(folder / f"{prefix}_length.npy", np.asarray(lengths, np.int32))
+    (folder / f"{prefix}_meta").write_text(json.dumps(
+        {"type": "int32", "total_number": len(lengths), "embedding_size": width}))
+    return [ids[row, :length] for row, length in enumerate(lengths)]
+
+
+def tiny_encoder(seed: int, out_dim: int = 16) -> DenseEncoder:
+    torch.manual_seed(seed)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=VOCAB, max_position_embeddings=70, pad_token_id=1,
+                           output_embedding_size=out_dim, initializer_range=0.2)  # 0.02 gives near-equal vectors
+    return DenseEncoder.from_config(config).eval()
+
+
+def encode_one_by_one(model: DenseEncoder, seqs: list[np.ndarray], max_len: int) -> np.ndarray:
+    """Reference embeddings: every sequence alone, no padding."""
+    with torch.inference_mode():
+        rows = []
+        for seq in seqs:
+            x = torch.as_tensor(truncate_keep_end(seq, max_len), dtype=torch.int64)[None]
+            rows.append(model(x, torch.ones_like(x))[0].numpy())
+    return np.stack(rows)
+
+
+def brute_force(docs: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ docs.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps an encoder: records batch shapes and raises on forward call number ``fail_at`` (1-based)."""
+
+    def __init__(self, inner: torch.nn.Module, fail_at: int = 0):
+        super().__init__()
+        self.inner, self.fail_at, self.calls, self.shapes = inner, fail_at, 0, []
+        self.train(inner.training)
+
+    @property
+    def output_dim(self) -> int:
+        return self.inner.output_dim
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        self.shapes.append((tuple(input_ids.shape), attention_mask.sum(1).tolist()))
+        return self.inner(input_ids, attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------------------------------------------
+
+def tie_heavy_data(n: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small-integer vectors with many duplicates: every dot product is exact in float32 and ties abound."""
+    rng = np.random.default_rng(seed)
+    docs = rng.integers(-1, 2, size=(n, 6)).astype(np.float32)
+    docs[rng.integers(0, n, size=n // 3)] = docs[0]  # duplicates of one vector spread over the ids
+    return docs, rng.integers(-1, 2, size=(nq, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 97, 110])
+def test_search_paths_equal_brute_force_with_ties(tmp_path, k):
+    docs, queries = tie_heavy_data(97, 45, seed=k)
+    path = tmp_path / "docs.memmap"
+    docs.tofile(path)
+    on_disk = np.memmap(path, dtype=np.float32, mode="r", shape=docs.shape)
+    ref_scores, ref_ids = brute_force(docs, queries, k)
+    kk = min(k, len(docs))
+    results = {"in RAM": ru.FlatIPIndex(docs).search(queries, k, batch_size=16),
+               "search()": ru.search(on_disk, queries, k),
+               "exact_search": ru.exact_search(on_disk, queries, k)}
+    for block_rows in (1, 10, 33, 97, 500):
+        results[f"streamed {block_rows}"] = ru.streamed_search(on_disk, queries, k, block_rows=block_rows,
+                                                               batch_size=16)
+    results["streamed in-RAM array"] = ru.streamed_search(docs, queries, k, block_rows=20)
+    for name, (scores, ids) in results.items():
+        assert scores.shape == ids.shape == (len(queries), k), name
+        assert scores.dtype == np.float32 and ids.dtype == np.int64, name
+        np.testing.assert_array_equal(ids[:, :kk], ref_ids, err_msg=name)
+        np.testing.assert_array_equal(scores[:, :kk], ref_scores, err_msg=name)
+        assert (ids[:, kk:] == -1).all() and np.isneginf(scores[:, kk:]).all(), name
+
+
+def test_ties_beyond_the_search_margin_keep_the_lowest_ids():
+    """200 identical vectors: far more ties at the k-th place than the extra results asked from faiss."""
+    docs = np.ones((200, 4), np.float32)
+    docs[150] = 2.0  # one clear winner among the ties
+    queries = np.ones((25, 4), np.float32)
+    expected = np.array([150, *range(9)])
+    for scores, ids in (ru.FlatIPIndex(docs).search(queries, 10),
+                        ru.streamed_search(docs, queries, 10, block_rows=64)):
+        assert (ids == expected).all()
+        assert (scores[:, 0] == 8).all() and (scores[:, 1:] == 4).all()
+
+
+def test_real_valued_search_matches_numpy(tmp_path):
+    rng = np.random.default_rng(3)
+    docs = rng.standard_normal((3000, 24)).astype(np.float32)
+    queries = rng.standard_normal((70, 24)).astype(np.float32)
+    ref_scores, ref_ids = brute_force(docs, queries, 50)
+    for scores, ids in (ru.FlatIPIndex(docs).search(queries, 50),
+                        ru.streamed_search(docs, queries, 50, block_rows=700)):
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_search_streams_when_over_budget(tmp_path, monkeypatch):
+    docs, queries = tie_heavy_data(300, 8, seed=1)
+    path = tmp_path / "docs.memmap"
+    docs.tofile(path)
+    on_disk = np.memmap(path, dtype=np.float32, mode="r", shape=docs.shape)
+    calls = []
+    real = ru.streamed_search
+    monkeypatch.setattr(ru, "streamed_search", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    tiny_budget_gb = 2000 / (1 << 30)  # 2,000 bytes < 300 x 6 x 4: streamed, blocks of 1,000 bytes
+    streamed = ru.exact_search(on_disk, queries, 7, mem_gb=tiny_budget_gb)
+    assert len(calls) == 1
+    in_ram = ru.exact_search(on_disk, queries, 7, mem_gb=1.0)
+    assert len(calls) == 1
+    for scores, ids in (streamed, in_ram):
+        np.testing.assert_array_equal(ids, brute_force(docs, queries, 7)[1])
+
+
+def test_search_input_errors():
+    docs = np.zeros((5, 4), np.float32)
+    with pytest.raises(InputError, match="dim 3"):
+        ru.FlatIPIndex(docs).search(np.zeros((2, 3), np.float32), 2)
+    with pytest.raises(InputError, match="empty"):
+        ru.streamed_search(np.zeros((0, 4), np.float32), np.zeros((2, 4), np.float32), 2)
+    with pytest.raises(InputError, match="budget"):
+        ru.memory_budget_bytes(0)
+
+
+@pytest.mark.skipif(ru.faiss_gpu_count() > 0, reason="checks the fallback of a faiss build without GPUs")
+def test_gpu_request_without_faiss_gpus_falls_back_to_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert ru.resolve_faiss_gpus([0, 1]) == []
+    assert "searching on CPU" in caplog.text
+    assert ru.resolve_faiss_gpus(None) == []
+
+
+@pytest.mark.skipif(ru.faiss_gpu_count() == 0, reason="faiss has no GPU support here")
+def test_gpu_single_and_sharded_match_cpu():
+    docs, queries = tie_heavy_data(5000, 300, seed=7)
+    ref_scores, ref_ids = brute_force(docs, queries, 100)
+    layouts = [[0]] + ([[0, 1]] if ru.faiss_gpu_count() > 1 else [])
+    for gpus in layouts:
+        scores, ids = ru.search(docs, queries, 100, gpus=gpus)
+        np.testing.assert_array_equal(ids, ref_ids, err_msg=str(gpus))
+        np.testing.assert_array_equal(scores, ref_scores, err_msg=str(gpus))
+    with pytest.raises(InputError):
+        ru.resolve_faiss_gpus([ru.faiss_gpu_count()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rank files and embedding validation
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_write_rank_file_skips_padding_and_round_trips_scores(tmp_path):
+    ids = np.array([[4, 0, 2], [1, -1, -1]], np.int64)
+    scores = np.array([[3.25, 1e-7, -2.5], [0.1, -np.inf, -np.inf]], np.float32)
+    path = tmp_path / "run" / "dev.rank.tsv"
+    assert ru.write_rank_file(path, [7, 9], ids) == 4
+    assert path.read_text() == "7\t4\t1\n7\t0\t2\n7\t2\t3\n9\t1\t1\n"
+    assert ru.write_rank_file(path, [7, 9], ids, scores) == 4
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    assert [r[:3] for r in rows] == [["7", "4", "1"], ["7", "0", "2"], ["7", "2", "3"], ["9", "1", "1"]]
+    np.testing.assert_array_equal(np.array([r[3] for r in rows], dtype=np.float32), scores[ids >= 0])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["dev.rank.tsv"]  # no temporary left
+
+
+def test_open_embeddings_validates_size_dim_and_values(tmp_path):
+    path = tmp_path / "p.memmap"
+    data = np.arange(24, dtype=np.float32).reshape(6, 4)
+    data.tofile(path)
+    assert ru.open_embeddings(path, dim=4).shape == (6, 4)
+    assert ru.open_embeddings(path, dim=8, check_finite=True).shape == (3, 8)
+    with pytest.raises(InputError, match=r"p\.memmap.*multiple of dim 5.*got 96"):
+        ru.open_embeddings(path, dim=5)
+    with pytest.raises(InputError, match="no manifest"):
+        ru.open_embeddings(path)
+    data[4, 1] = np.nan
+    data.tofile(path)
+    ru.open_embeddings(path, dim=4)  # not scanned unless asked
+    with pytest.raises(InputError, match="row 4 holds NaN"):
+        ru.open_embeddings(path, dim=4, check_finite=True)
+    np.zeros(0, np.float32).tofile(path)
+    with pytest.raises(InputError, match="multiple"):
+        ru.open_embeddings(path, dim=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+LENGTHS = [5, 12, 3, 20, 7, 7, 16, 2, 9, 20, 11, 4, 6, 18, 8, 13, 3, 10, 15, 5, 7, 19, 14, 6, 9]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    seqs = write_token_memmap(tmp_path / "pre", "passages", LENGTHS, width=20, seed=0)
+    return seqs, SequenceDataset(TokenIdsCache(tmp_path / "pre", "passages"), 14)
+
+
+def encode(model, dataset, path, **kw):
+    kw.setdefault("block_rows", 6)
+    return ru.encode_to_memmap(model, dataset, path, batch_size=3, device="cpu", pad_token_id=1,
+                               model_id=kw.pop("model_id", "model-A"), **kw)
+
+
+def test_encode_equals_per_sequence_model_and_pads_only_to_batch_max(tmp_path, corpus):
+    seqs, dataset = corpus
+    model = CountingModel(tiny_encoder(0))
+    out = encode(model, dataset, tmp_path / "e.memmap")
+    np.testing.assert_allclose(out, encode_one_by_one(model.inner, seqs, 14), atol=2e-5)
+    widths = [shape[1] for shape, _ in model.shapes]
+    assert all(shape[1] == max(lengths) for shape, lengths in model.shapes)  # dynamic padding
+    assert widths == sorted(widths, reverse=True) and widths[0] == 14  # longest first, truncated to 14
+    assert sum(len(lengths) for _, lengths in model.shapes) == len(LENGTHS)
+    manifest = json.loads((tmp_path / "e.memmap.manifest.json").read_text())
+    assert manifest["complete"] and manifest["completed_rows"] == len(LENGTHS)
+    assert (manifest["n_rows"], manifest["dim"], manifest["max_length"]) == (len(LENGTHS), 16, 14)
+    assert not model.inner.training
+
+
+def test_resumed_encode_is_byte_identical(tmp_path, corpus):
+    _, dataset = corpus
+    encode(tiny_encoder(0), dataset, tmp_path / "full.memmap")
+    killed = CountingModel(tiny_encoder(0), fail_at=6)  # blocks of 2 batches: 2 blocks done, 3rd interrupted
+    with pytest.raises(KeyboardInterrupt):
+        encode(killed, dataset, tmp_path / "part.memmap")
+    manifest = json.loads((tmp_path / "part.memmap.manifest.json").read_text())
+    assert manifest["completed_rows"] == 12 and not manifest["complete"]
+    with pytest.raises(InputError, match="incomplete"):
+        ru.open_embeddings(tmp_path / "part.memmap")
+    resumed = CountingModel(tiny_encoder(0))
+    encode(resumed, dataset, tmp_path / "part.memmap", block_rows=999)  # the manifest's block size wins
+    assert resumed.calls == 5  # 13 remaining rows in batches of 3 within blocks of 6: 3+3, 3+3, 1
+    assert (tmp_path / "part.memmap").read_bytes() == (tmp_path / "full.memmap").read_bytes()
+    assert ru.open_embeddings(tmp_path / "part.memmap").shape == (len(LENGTHS), 16)
+
+
+def test_complete_memmap_is_reused_without_encoding(tmp_path, corpus):
+    _, dataset = corpus
+    first = encode(tiny_encoder(0), dataset, tmp_path / "e.memmap")
+    never = CountingModel(tiny_encoder(0), fail_at=1)
+    again = encode(never, dataset, tmp_path / "e.memmap")
+    assert never.calls == 0 and np.array_equal(first, again)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model_id": "model-B"}, "model_id"),
+    ({"max_length": 10}, "max_length"),
+    ({"out_dim": 8}, "dim"),
+    ({"resume": False}, "resuming was not requested"),
+    ({"drop_manifest": True}, "no manifest"),
+])
+def test_stale_memmap_is_refused_then_overwritten(tmp_path, corpus, change, field):
+    seqs, dataset = corpus
+    path = tmp_path / "e.memmap"
+    encode(tiny_encoder(0), dataset, path)
+    if change.pop("drop_manifest", False):
+        ru.manifest_path(path).unlink()
+    if "max_length" in change:
+        dataset = SequenceDataset(dataset.cache, change.pop("max_length"))
+    model = tiny_encoder(1, out_dim=change.pop("out_dim", 16))
+    with pytest.raises(InputError, match=field):
+        encode(model, dataset, path, **dict(change))
+    out = encode(model, dataset, path, overwrite=True, **dict(change))
+    np.testing.assert_allclose(out, encode_one_by_one(model, seqs, dataset.max_seq_length), atol=2e-5)
+    assert json.loads(ru.manifest_path(path).read_text())["complete"]

@@ -1,0 +1,314 @@
+"""star/train.py on tiny memmaps (contract format) and a tiny RoBERTa: DDP (2-process gloo) equals one process on
+the same global batch, stop-and-resume equals an uninterrupted run, and CLI smoke runs of the three modes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+N_DOCS, N_QUERIES, VOCAB = 40, 12, 50
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_cache(folder: Path, prefix: str, rows: list) -> None:
+    """``{prefix}.memmap`` int32 [N, L] right-padded with 0, ``{prefix}_length.npy``, ``{prefix}_meta``."""
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    ids.tofile(folder / f"{prefix}.memmap")
+    np.save(folder / f"{prefix}_length.npy", np.array([len(r) for r in rows], dtype=np.int32))
+    (folder / f"{prefix}_meta").write_text(json.dumps({"type": "int32", "total_number": len(rows),
+                                                        "embedding_size": width}))
+
+
+def make_data(root: Path, dropout: float = 0.1) -> dict:
+    """A preprocess folder, hard negatives, and an init model folder; returns their paths."""
+    rng = np.random.default_rng(3)
+    pre = root / "preprocess"
+    pre.mkdir(parents=True)
+
+    def seq(lo, hi):
+        return [0] + rng.integers(4, VOCAB, size=rng.integers(lo, hi)).tolist() + [2]   # <s> ... </s>
+
+    write_cache(pre, "passages", [seq(3, 14) for _ in range(N_DOCS)])
+    write_cache(pre, "train-query", [seq(2, 6) for _ in range(N_QUERIES)])
+    # query q: positive 3q (and 3q+1 for even q); query 5 shares query 4's positive 12 (mask duplicates)
+    lines = [f"{q}\t0\t{3 * q}\t1" for q in range(N_QUERIES)] + [f"{q}\t0\t{3 * q + 1}\t1"
+                                                                 for q in range(0, N_QUERIES, 2)]
+    lines.append("5\t0\t12\t1")
+    (pre / "train-qrel.tsv").write_text("\n".join(lines) + "\n")
+    negs = np.array([[(3 * q + 2 + 5 * j) % N_DOCS for j in range(4)] for q in range(N_QUERIES)], dtype=np.int32)
+    np.save(root / "hard.npy", negs)
+    np.save(root / "hard_qids.npy", np.arange(N_QUERIES, dtype=np.int64))
+    init = root / "init"
+    init_model(init, dropout)
+    return {"pre": pre, "hard": root / "hard.npy", "init": init}
+
+
+def init_model(folder: Path, dropout: float) -> None:
+    from transformers import RobertaConfig
+
+    from model import DenseEncoder
+
+    torch.manual_seed(0)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=VOCAB, max_position_embeddings=40, hidden_dropout_prob=dropout,
+                           attention_probs_dropout_prob=dropout, initializer_range=0.2)  # diverse embeddings
+    DenseEncoder.from_config(config).save_pretrained(folder)
+
+
+def cli_args(data: dict, out: Path, mode: str = "star", *extra: str, batch: int = 4) -> list:
+    args = ["--init_path", str(data["init"]), "--preprocess_dir", str(data["pre"]), "--output_dir", str(out),
+            "--negative_mode", mode, "--per_device_train_batch_size", str(batch), "--max_query_length", "6",
+            "--max_doc_length", "10", "--logging_steps", "1", "--learning_rate", "1e-3", "--no_cuda"]
+    if mode == "star":
+        args += ["--hardneg_path", str(data["hard"]), "--hard_num", "2"]
+    if mode == "rand":
+        args += ["--rand_num", "2"]
+    return args + list(extra)
+
+
+def load_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("star"))
+
+
+@pytest.fixture(scope="module")
+def data_no_dropout(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("star_nodrop"), dropout=0.0)
+
+
+# -- single process: loss, CLI ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["star", "inbatch", "rand"])
+def test_cli_smoke_writes_loadable_checkpoints_and_tensorboard(data, tmp_path, mode):
+    from model import DenseEncoder
+    from star import train as star_train
+
+    out = tmp_path / "out"
+    star_train.main(cli_args(data, out, mode, "--num_train_epochs", "2", "--save_steps", "2"))
+    # 12 queries / batch 4 = 3 steps per epoch: checkpoints at steps 2, 3 (epoch end), 4, 6 (epoch end)
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    final = DenseEncoder.from_pretrained(out)
+    last = DenseEncoder.from_pretrained(out / "checkpoint-6")
+    init = load_weights(data["init"])
+    for k, v in last.state_dict().items():
+        assert torch.equal(v, final.state_dict()[k])
+    assert any(not torch.equal(v, init[k]) for k, v in final.state_dict().items())
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=True)
+    assert state["extra"]["epoch"] == 1 and state["extra"]["step_in_epoch"] == 1
+    assert list((out / "log").glob("events.out.tfevents.*"))
+    scalars = read_scalars(out / "log")
+    assert sorted(scalars) == ["epoch", "learning_rate", "loss"]
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(v) and v > 0 for _, v in scalars["loss"])
+
+
+def read_scalars(log_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_logged_loss_is_the_spec_formula_on_the_first_batch(data_no_dropout, tmp_path):
+    """Rebuild step 1's batch by hand (same sampler/dataset/collator) and compare the logged loss to the §5.3
+    pooled formula written with plain loops."""
+    import train_utils as tu
+    from dataset import (TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel)
+    from model import DenseEncoder
+    from star import train as star_train
+
+    d = data_no_dropout
+    out = tmp_path / "out"
+    star_train.main(cli_args(d, out, "star", "--max_steps", "1"))
+    logged = read_scalars(out / "log")["loss"][0][1]
+
+    rel = load_rel(d["pre"] / "train-qrel.tsv")
+    ds = TrainInbatchWithHardDataset(rel, TokenIdsCache(d["pre"], "train-query"), TokenIdsCache(d["pre"], "passages"),
+                                     6, 10, 42, hardneg=load_hardneg(d["hard"]), hard_num=2)
+    sampler = tu.GlobalBatchSampler(len(ds), 4, seed=42)
+    items = [ds[i] for i in next(iter(sampler))]
+    batch = TrainCollator(6, 10, rel)(items)
+    model = DenseEncoder.from_pretrained(d["init"]).eval()
+    with torch.no_grad():
+        q = model(batch["query_input_ids"], batch["query_attention_mask"]).double()
+        p = model(batch["doc_input_ids"], batch["doc_attention_mask"]).double()
+        h = model(batch["other_doc_input_ids"], batch["other_doc_attention_mask"]).double()
+    total, count = 0.0, 0
+    for i, item in enumerate(items):
+        positive = float(q[i] @ p[i])
+        for docs, ids in ((p, [it["pos_id"] for it in items]), (h, [e for it in items for e in it["extra_ids"]])):
+            for k, doc_id in enumerate(ids):
+                if doc_id not in rel[item["qid"]]:
+                    total += float(np.logaddexp(0.0, float(q[i] @ docs[k]) - positive))
+                    count += 1
+    assert count >= 4 * 3 + 4 * 8 - 4  # only a few pairs masked
+    assert logged == pytest.approx(total / count, rel=1e-5)
+
+
+def test_cli_refuses_non_empty_output_dir_and_missing_hardneg(data, tmp_path, capsys):
+    from io_utils import run_cli
+    from star import train as star_train
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(star_train.main, cli_args(data, out, "star"))
+    assert exit_info.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    args = [a for a in cli_args(data, tmp_path / "new", "star") if a not in (str(data["hard"]), "--hardneg_path")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(star_train.main, args)
+    assert exit_info.value.code == 2 and "--hardneg_path" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+# -- resume ---------------------------------------------------------------------------------------------------
+
+def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path):
+    """7 steps straight vs 4 steps (stops mid-epoch 1) then --resume to 7; dropout on, so RNG restore matters.
+    warmup 100 > 7: the LR of step s is the same whatever --max_steps is."""
+    from star import train as star_train
+
+    common = ("--warmup_steps", "100", "--learning_rate", "5e-2")
+    star_train.main(cli_args(data, tmp_path / "straight", "star", "--max_steps", "7", *common))
+    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", "4", *common))
+    assert (tmp_path / "resumed" / "checkpoint-4").is_dir()
+    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", "7", "--resume", *common))
+    straight, resumed = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
+    init = load_weights(data["init"])
+    assert any(not torch.equal(straight[k], init[k]) for k in straight)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    interrupted = load_weights(tmp_path / "resumed" / "checkpoint-4")
+    assert any(not torch.equal(straight[k], interrupted[k]) for k in straight)
+
+
+# -- DDP ------------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batch(d: dict, mode: str):
+    """The first 6 items of the training set for ``mode`` (hard_num/rand_num 2), with the rel dict."""
+    from dataset import (TokenIdsCache, TrainInbatchDataset, TrainInbatchWithHardDataset,
+                         TrainInbatchWithRandDataset, load_hardneg, load_rel)
+
+    rel = load_rel(d["pre"] / "train-qrel.tsv")
+    common = (rel, TokenIdsCache(d["pre"], "train-query"), TokenIdsCache(d["pre"], "passages"), 6, 10, 42)
+    if mode == "star":
+        ds = TrainInbatchWithHardDataset(*common, hardneg=load_hardneg(d["hard"]), hard_num=2)
+    elif mode == "rand":
+        ds = TrainInbatchWithRandDataset(*common, rand_num=2)
+    else:
+        ds = TrainInbatchDataset(*common)
+    return [ds[i] for i in (3, 4, 5, 0, 1, 2)], rel
+
+
+def loss_and_grads(d: dict, mode: str, items: list, rel: dict, wrap_ddp: bool):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dataset import TrainCollator
+    from model import DenseEncoder
+    from star import train as star_train
+    import train_utils as tu
+
+    model = DenseEncoder.from_pretrained(d["init"])
+    wrapped = star_train.BatchEncoder(model)
+    if wrap_ddp:
+        wrapped = DistributedDataParallel(wrapped)
+    batch = TrainCollator(6, 10, rel)(items)
+    loss = star_train.forward_loss(wrapped, batch, mode, rel, torch.device("cpu"))
+    loss.backward()
+    global_loss = tu.all_reduce_sum(loss.detach()) / tu.get_world_size()
+    return global_loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import train_utils as tu
+
+    tu.init_distributed(no_cuda=True)
+    try:
+        for mode in ("star", "inbatch", "rand"):
+            items, rel = global_batch(d, mode)
+            local = items[:4] if rank == 0 else items[4:]            # unequal split: 4 + 2 queries
+            loss, grads = loss_and_grads(d, mode, local, rel, wrap_ddp=True)
+            if rank == 0:  # numpy: a tensor in a Queue is shared memory that dies with this process
+                queue.put((mode, loss, {k: g.numpy() for k, g in grads.items()}))
+    finally:
+        tu.cleanup_distributed()
+
+
+def test_ddp_two_processes_match_one_process_on_the_global_batch(data_no_dropout):
+    d = data_no_dropout
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, d, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(3):
+        mode, loss, grads = queue.get(timeout=90)
+        results[mode] = (loss, grads)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    for mode in ("star", "inbatch", "rand"):
+        items, rel = global_batch(d, mode)
+        loss, grads = loss_and_grads(d, mode, items, rel, wrap_ddp=False)
+        ddp_loss, ddp_grads = results[mode]
+        assert ddp_loss == pytest.approx(loss, rel=1e-5), mode
+        assert max(g.abs().max().item() for g in grads.values()) > 0
+        for name, g in grads.items():
+            torch.testing.assert_close(torch.from_numpy(ddp_grads[name]), g, rtol=1e-4, atol=1e-6,
+                                       msg=f"{mode} {name}")
+
+
+def test_torchrun_two_processes_train_like_one_process(data_no_dropout, tmp_path):
+    """End to end (the script run as a file by torchrun): 2 ranks x batch 2 and one process with batch 4 reach
+    the same weights after 4 steps (12 queries: one epoch of 3 steps, then the first step of the next)."""
+    from star import train as star_train
+
+    d = data_no_dropout
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    star_train.main(cli_args(d, tmp_path / "one", "star", "--max_steps", "4"))
+    two = cli_args(d, tmp_path / "two", "star", "--max_steps", "4", batch=2)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          str(REPO / "star" / "train.py"), *two], env=env, timeout=120, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w1, w2 = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,329 @@
+"""train_utils: Lamb against a numpy transcription of spec §3.6, parameter groups, schedule, data order,
+checkpoint round trips and the differentiable all-gather (2-process gloo)."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train_utils as tu
+from io_utils import InputError
+
+# transformers/model are imported inside the helpers below so that the spawned DDP workers, which re-import
+# this module, start quickly
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_encoder(dropout: float = 0.1):
+    from transformers import RobertaConfig
+
+    from model import DenseEncoder
+
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=60, max_position_embeddings=40, hidden_dropout_prob=dropout,
+                           attention_probs_dropout_prob=dropout)
+    return DenseEncoder.from_config(config)
+
+
+# -- Lamb -----------------------------------------------------------------------------------------------------
+
+def numpy_lamb(params, grads_per_step, lr, betas, eps, wd, adam=False):
+    """Spec §3.6 written out with numpy (float64)."""
+    params = [p.astype(np.float64).copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for i, g in enumerate(grads):
+            g = g.astype(np.float64)
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            u = m[i] / (np.sqrt(v[i]) + eps)
+            if wd:
+                u = u + wd * params[i]
+            w_norm = min(max(np.linalg.norm(params[i]), 0.0), 10.0)
+            u_norm = np.linalg.norm(u)
+            ratio = 1.0 if (w_norm == 0 or u_norm == 0 or adam) else w_norm / u_norm
+            params[i] = params[i] - lr * ratio * u
+    return params
+
+
+@pytest.mark.parametrize("wd,adam,steps", [(0.0, False, 1), (0.01, False, 1), (0.01, False, 5), (0.1, True, 3)])
+def test_lamb_matches_the_spec_formulas(wd, adam, steps):
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(4, 3)).astype(np.float32),          # ‖p‖ < 10
+             (rng.normal(size=(50,)) * 5).astype(np.float32),     # ‖p‖ > 10: clamped
+             np.zeros(3, dtype=np.float32)]                       # ‖p‖ = 0: ratio 1
+    grads = [[rng.normal(size=p.shape).astype(np.float32) for p in start] for _ in range(steps)]
+    assert np.linalg.norm(start[1]) > 10
+    params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in start]
+    opt = tu.Lamb(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd, adam=adam)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step()
+    expected = numpy_lamb(start, grads, 0.05, (0.8, 0.95), 1e-6, wd, adam)
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.detach().numpy(), e, rtol=2e-5, atol=1e-6)
+    assert opt.state[params[0]]["step"] == steps
+
+
+def test_lamb_zero_gradient_keeps_ratio_one_and_does_not_move():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = tu.Lamb([p], lr=0.1)
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert opt.state[p]["trust_ratio"].item() == 1.0
+
+
+# -- groups, optimizer, schedule ----------------------------------------------------------------------------
+
+def test_param_groups_exclude_bias_and_LayerNorm_weight_but_decay_head_norm():
+    model = tiny_encoder()
+    decay, no_decay = tu.param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    excluded = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert "norm.weight" in decayed and "embeddingHead.weight" in decayed
+    assert {"norm.bias", "embeddingHead.bias", "roberta.embeddings.LayerNorm.weight"} <= excluded
+    assert all("bias" in n or "LayerNorm.weight" in n for n in excluded)
+    assert not any("bias" in n or "LayerNorm.weight" in n for n in decayed)
+    assert len(decayed) + len(excluded) == len(list(model.parameters()))
+
+
+def test_build_optimizer_kinds():
+    groups = tu.param_groups(torch.nn.Linear(2, 2), 0.01)
+    assert isinstance(tu.build_optimizer("lamb", groups, 1e-4), tu.Lamb)
+    adamw = tu.build_optimizer("adamw", tu.param_groups(torch.nn.Linear(2, 2), 0.01), 1e-4, (0.8, 0.9), 1e-7)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError):
+        tu.build_optimizer("sgd", groups, 1e-4)
+
+
+def test_linear_schedule_warmup_and_decay_points():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = tu.linear_schedule(opt, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1.0) and lrs[4] == pytest.approx(2.0)
+    assert lrs[8] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.5)
+    assert lrs[12] == 0.0 and lrs[13] == 0.0
+
+
+def test_training_plan():
+    plan = tu.TrainingPlan.create(10, 3, num_train_epochs=2)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs) == (4, 8, 2)
+    assert [plan.micro_batches_in_step(s) for s in range(4)] == [3, 3, 3, 1]
+    plan = tu.TrainingPlan.create(10, 1, num_train_epochs=100, max_steps=25)
+    assert (plan.total_steps, plan.num_epochs) == (25, 3)
+    assert tu.TrainingPlan.create(10, 1, num_train_epochs=1.5).total_steps == 15
+    with pytest.raises(InputError):
+        tu.TrainingPlan.create(0, 1, 1)
+
+
+# -- data order ---------------------------------------------------------------------------------------------
+
+def test_global_batch_sampler_splits_the_single_process_batches():
+    single = tu.GlobalBatchSampler(23, batch_size=6, seed=7)
+    single.set_epoch(3)
+    ranks = [tu.GlobalBatchSampler(23, batch_size=3, seed=7, world_size=2, rank=r) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(3)
+    single_batches = list(single)
+    rank_batches = [list(s) for s in ranks]
+    assert len(single_batches) == 4 and all(len(b) == 4 for b in rank_batches)
+    for k, batch in enumerate(single_batches):
+        assert rank_batches[0][k] + rank_batches[1][k] == batch
+    assert [len(b) for b in rank_batches[0]] == [3, 3, 3, 3] and len(rank_batches[1][-1]) == 2
+    assert sorted(i for b in single_batches for i in b) == list(range(23))
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch_and_resumable():
+    def batches(seed, epoch, start=0):
+        s = tu.GlobalBatchSampler(20, batch_size=4, seed=seed)
+        s.set_epoch(epoch, start_batch=start)
+        return list(s)
+
+    assert batches(1, 0) == batches(1, 0)
+    assert batches(1, 0) != batches(1, 1) and batches(1, 0) != batches(2, 0)
+    assert batches(1, 1, start=2) == batches(1, 1)[2:]
+    s = tu.GlobalBatchSampler(20, batch_size=4, seed=1)
+    s.set_epoch(0, start_batch=3)
+    assert len(s) == 2
+
+
+def test_sampler_drops_a_last_global_batch_smaller_than_the_world():
+    s = tu.GlobalBatchSampler(9, batch_size=2, seed=0, world_size=4, rank=3)
+    assert s.batches_per_epoch == 1 and len(list(s)) == 1
+
+
+# -- RNG and checkpoints ------------------------------------------------------------------------------------
+
+def test_rng_state_round_trip():
+    import random
+
+    tu.set_seed(5)
+    state = tu.get_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    tu.set_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def _train_steps(model, opt, sched, batches):
+    model.train()
+    for ids in batches:
+        emb = model(ids, torch.ones_like(ids))
+        emb.pow(2).mean().backward()
+        tu.optimizer_step(list(model.parameters()), opt, sched, tu.make_grad_scaler(torch.device("cpu"), False),
+                          max_grad_norm=1.0)
+
+
+def _fresh(seed=0):
+    torch.manual_seed(seed)
+    model = tiny_encoder(dropout=0.3)
+    opt = tu.build_optimizer("lamb", tu.param_groups(model, 0.01), lr=1e-2)
+    return model, opt, tu.linear_schedule(opt, warmup_steps=1, total_steps=6)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    batches = [torch.randint(3, 60, (4, 7), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    model, opt, sched = _fresh()
+    tu.set_seed(11)
+    _train_steps(model, opt, sched, batches[:3])
+    path = tu.save_checkpoint(tmp_path, 3, model, opt, sched, None, {"epoch": 1, "step_in_epoch": 0})
+    _train_steps(model, opt, sched, batches[3:])          # dropout draws from the RNG saved above
+    straight = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed, opt2, sched2 = _fresh(seed=99)                # different init: everything must come from disk
+    torch.manual_seed(1234)                                # different RNG: restored from the checkpoint
+    extra = tu.load_checkpoint(path, resumed, opt2, sched2)
+    assert extra == {"epoch": 1, "step_in_epoch": 0, "global_step": 3}
+    assert sched2.last_epoch == 3
+    _train_steps(resumed, opt2, sched2, batches[3:])
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+
+
+def test_checkpoint_files_layout_and_rotation(tmp_path):
+    model, opt, sched = _fresh()
+    _train_steps(model, opt, sched, [torch.randint(3, 60, (2, 5))])
+    for step in (1, 2, 3):
+        tu.save_checkpoint(tmp_path, step, model, opt, sched, tu.make_grad_scaler(torch.device("cpu"), False),
+                           {"epoch": 0}, save_total_limit=2)
+    assert [p.name for p in tu.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    latest = tu.latest_checkpoint(tmp_path)
+    assert latest.name == "checkpoint-3"
+    state = torch.load(latest / tu.TRAINER_STATE_NAME, weights_only=True)
+    assert state["global_step"] == 3 and isinstance(state["rng"][0]["torch"], torch.Tensor)
+    from model import DenseEncoder
+
+    loaded = DenseEncoder.from_pretrained(latest)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+    (tmp_path / "checkpoint-9").mkdir()                     # incomplete (no trainer_state.pt): ignored
+    (tmp_path / "checkpoint-8.tmp-1").mkdir()
+    assert tu.latest_checkpoint(tmp_path).name == "checkpoint-3"
+    assert not list(tmp_path.glob("*.tmp-*.*")) and not list(tmp_path.glob("*.old-*"))
+
+
+def test_prepare_output_dir_rules(tmp_path):
+    out = tmp_path / "out"
+    tu.prepare_output_dir(out, overwrite=False, resume=False)      # absent: fine
+    (out / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(InputError, match="overwrite_output_dir"):
+        tu.prepare_output_dir(out, overwrite=False, resume=False)
+    tu.prepare_output_dir(out, overwrite=False, resume=True)
+    assert (out / "checkpoint-5").exists()
+    tu.prepare_output_dir(out, overwrite=True, resume=False)
+    assert not (out / "checkpoint-5").exists()
+
+
+def test_optimizer_step_clips_and_steps_schedule():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = tu.linear_schedule(opt, warmup_steps=0, total_steps=10)
+    p.grad = torch.full((4,), 3.0)                              # norm 6 → clipped to 1
+    norm = tu.optimizer_step([p], opt, sched, tu.make_grad_scaler(torch.device("cpu"), False), 1.0)
+    assert norm.item() == pytest.approx(6.0)
+    np.testing.assert_allclose(p.detach().numpy(), -np.full(4, 0.5), rtol=1e-6)
+    assert p.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.9)
+
+
+def test_autocast_contexts_keep_fp32_where_asked():
+    cpu = torch.device("cpu")
+    a = torch.randn(3, 3)
+    with tu.autocast_context(cpu, bf16=True):
+        assert (a @ a).dtype == torch.bfloat16
+        with tu.fp32_context(cpu):
+            assert (a @ a).dtype == torch.float32
+    with pytest.raises(InputError):
+        tu.autocast_context(cpu, fp16=True, bf16=True)
+
+
+def test_train_logger_writes_tensorboard_events(tmp_path):
+    log = tu.TrainLogger(tmp_path / "log", total_steps=3)
+    log.step(1, loss=0.5)
+    log.log({"loss": 0.5, "learning_rate": 1e-4}, step=1)
+    log.close()
+    assert list((tmp_path / "log").glob("events.out.tfevents.*"))
+
+
+# -- distributed --------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info = tu.init_distributed(no_cuda=True)
+    try:
+        local = torch.arange(rank + 2, dtype=torch.float32).mul(rank + 1).unsqueeze(1).repeat(1, 2)
+        local.requires_grad_(True)
+        gathered = tu.all_gather_with_grad(local)
+        weights = torch.arange(gathered.shape[0], dtype=torch.float32).add(1).unsqueeze(1) * (rank + 1)
+        (gathered * weights).sum().backward()                    # rank r's loss: Σ_k (k+1)(r+1)·x_k
+        count = tu.all_reduce_sum(torch.tensor(float(local.shape[0])))
+        # numpy: a tensor in a Queue is shared memory that dies with this process
+        queue.put((info.rank, gathered.detach().numpy(), local.grad.numpy(), tu.all_gather_object(rank * 10),
+                   count.item()))
+    finally:
+        tu.cleanup_distributed()
+
+
+def test_all_gather_with_grad_two_processes_unequal_sizes():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], r[1:]) for r in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    expected = torch.tensor([0.0, 1.0, 0.0, 2.0, 4.0]).unsqueeze(1).repeat(1, 2)   # rank 0: 2 rows, rank 1: 3
+    for rank in range(2):
+        gathered, grad, objects, count = results[rank]
+        assert np.array_equal(gathered, expected.numpy()) and objects == [0, 10] and count == 5.0
+    # d(Σ_r loss_r)/dx_k = (k+1)·(1+2): the gradient carries both ranks' contributions
+    full = torch.arange(1, 6, dtype=torch.float32).mul(3).unsqueeze(1).repeat(1, 2)
+    assert np.array_equal(results[0][1], full[:2].numpy()) and np.array_equal(results[1][1], full[2:].numpy())
