@@ -99,7 +99,8 @@ def load_tokenizer(path: PathLike) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot load a tokenizer from this folder: {e}", path=folder) from None
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"cannot load a tokenizer from this folder: {first_line}", path=folder) from None
     if not getattr(tokenizer, "is_fast", False):
         raise InputError("the tokenizer is not a fast (Rust) tokenizer", path=folder)
     return tokenizer
@@ -371,6 +372,7 @@ def read_queries(path: Path) -> list[tuple[int, str]]:
 
 
 class QrelLine(NamedTuple):
+    """One qrels line: its line number, the query and passage/document ids, the grade as written."""
     number: int
     qid: int
     pid: int
@@ -594,8 +596,13 @@ def _cpu_count() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Tokenize the MS MARCO collection and queries into int32 memmaps (STAR/ADORE preprocessing). "
-                    "Output layout: see the module docstring.")
+        description="Tokenize the MS MARCO collection and queries once, with the transformers-2.8 RoBERTa "
+                    "tokenization the STAR/ADORE checkpoints expect, into int32 memmaps.",
+        epilog="Writes passages.memmap (int32 [N, max_seq_length], <s> ids </s> then 0-padding), "
+               "passages_length.npy, passages_meta, passages_ids.npy, pid2offset.pickle and, per split "
+               "(train, dev, test, lead; skipped when its query file is absent), {split}-query.memmap, "
+               "{split}-query_length.npy, {split}-query_meta, {split}-query_ids.npy, {split}-qid2offset.pickle "
+               "and {split}-qrel.tsv (qoffset 0 poffset grade). Nothing is written unless the whole run succeeds.")
     p.add_argument("--data_type", type=int, choices=[DOC, PASSAGE], default=PASSAGE,
                    help="0 = documents (msmarco-docs.tsv), 1 = passages (collection.tsv) (default 1)")
     p.add_argument("--model_name_or_path", default="roberta-base",

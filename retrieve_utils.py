@@ -11,7 +11,8 @@ Raw float32 ``[N, dim]`` (``np.memmap``, no header), row = offset, plus ``<path>
 
 Rows are encoded longest first (``order_hash`` fingerprints that order: the offsets and their lengths), in blocks of
 ``block_rows``; after each block the memmap is flushed and then the manifest is replaced atomically, so an
-interrupted encode resumes at the last finished block and gives the same bytes as an uninterrupted one.
+interrupted encode resumes at the last finished block and (same batch size and devices) gives the same bytes as
+an uninterrupted one.
 ``model_id`` … ``order_hash`` are the *identity* of the file: an existing memmap whose identity differs from the
 current run, or that has no manifest, is never reused silently (the original's bug, spec §10.11).
 
@@ -80,6 +81,9 @@ def read_manifest(out_path: PathLike) -> Optional[dict]:
         raise InputError(f"embedding manifest is not valid JSON ({e})", path=path) from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise InputError(f"not an embedding manifest (format {MANIFEST_FORMAT!r} expected)", path=path)
+    counts = [manifest.get(key) for key in ("n_rows", "dim", "block_rows", "completed_rows")]
+    if not all(isinstance(c, int) and c >= 0 for c in counts) or not isinstance(manifest.get("complete"), bool):
+        raise InputError("embedding manifest lacks n_rows/dim/block_rows/completed_rows/complete", path=path)
     return manifest
 
 
@@ -91,8 +95,9 @@ def encode_to_memmap(model: torch.nn.Module, dataset: SequenceDataset, out_path:
     (row = offset; rows of offsets not in the dataset stay 0) and return it opened read-only.
 
     Batches hold items of similar length: items are sorted longest first and each batch is padded only to its
-    own longest item (``pad_token_id``, attention 0), so no compute goes to padding.  ``batch_size`` is per
-    device: on CUDA every visible GPU is used (DataParallel) with ``batch_size × n_gpus`` rows per batch.
+    own longest item (``pad_token_id``, attention 0), so little compute goes to padding.  ``batch_size`` is per
+    device: on ``cuda``/``cuda:0`` every visible GPU is used (DataParallel) with ``batch_size × n_gpus`` rows
+    per batch.
     ``amp`` "fp16"/"bf16" turns on autocast on CUDA (ignored, with a warning, on CPU); fp32 by default.
 
     Existing file at ``out_path``:
@@ -110,8 +115,7 @@ def encode_to_memmap(model: torch.nn.Module, dataset: SequenceDataset, out_path:
     identity = {"model_id": model_id, "max_length": int(dataset.max_seq_length), "n_rows": n_rows,
                 "dim": int(_unwrap(model).output_dim), "dtype": "float32", "precision": precision,
                 "order_hash": _order_hash(dataset, order)}
-    n_devices = torch.cuda.device_count() if device.type == "cuda" else 1
-    rows_per_batch = batch_size * max(1, n_devices)
+    rows_per_batch = batch_size * _n_devices(device)
     if block_rows is None:
         block_rows = rows_per_batch * max(1, BLOCK_TARGET_ROWS // rows_per_batch)
     manifest = _open_or_start(Path(out_path), identity, block_rows, resume, overwrite)
@@ -132,6 +136,13 @@ def _effective_precision(amp: Optional[str], device: torch.device) -> str:
         logger.warning("%s autocast is only used on CUDA; encoding in fp32 on %s", amp, device)
         return "fp32"
     return amp
+
+
+def _n_devices(device: torch.device) -> int:
+    """GPUs a run on ``device`` uses: all visible ones for ``cuda``/``cuda:0`` (DataParallel), else 1."""
+    if device.type == "cuda" and device.index in (None, 0):
+        return max(1, torch.cuda.device_count())
+    return 1
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -258,7 +269,7 @@ def _prepare_model(model: torch.nn.Module, device: torch.device) -> tuple[torch.
     base = _unwrap(model)
     was_training = base.training
     base.eval().to(device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and not isinstance(model, torch.nn.DataParallel):
+    if _n_devices(device) > 1 and not isinstance(model, torch.nn.DataParallel):
         return torch.nn.DataParallel(base), was_training
     return model, was_training
 
@@ -550,7 +561,7 @@ def search(index_or_embeddings: FlatIPIndex | np.ndarray, queries: np.ndarray, k
 
 
 def write_rank_file(path: PathLike, qoffsets: Sequence[int] | np.ndarray, ids: np.ndarray,
-                    scores: Optional[np.ndarray] = None, chunk_rows: int = 16384) -> int:
+                    scores: Optional[np.ndarray] = None, chunk_rows: int = 4096) -> int:
     """Write a rank file atomically: one line ``qoffset\\tpoffset\\trank`` per result (rank 1-based in row
     order), plus ``\\tscore`` (``%.9g``, exact for float32) when ``scores`` is given.  Padding (id -1) is
     skipped.  Returns the number of lines."""

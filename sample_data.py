@@ -39,7 +39,8 @@ share a family word.  Each task has its own entities (one- or two-word names, na
 * TREC-style test grades: 3 = the exact pair, 2 = same entity and a sibling attribute, 1 = same entity and
   another attribute, 0 = judged non-relevant (same attribute and another entity, or random).
 
-Train, dev, test and eval queries use disjoint (entity, attribute) pairs.  The same seed gives byte-identical
+Train, dev, test and eval queries use disjoint (entity, attribute) pairs, and the entities of dev, test and eval
+queries are held out from training (see :func:`split_queries`).  The same seed gives byte-identical
 files (tokenizer and model weights included); all randomness comes from ``random.Random`` seeded by strings.
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ ADJECTIVE_SUFFIXES = ("al", "ic", "ous", "ful", "ive", "y")
 VERB_SUFFIXES = ("s", "es", "ed", "izes")
 N_FAMILIES, FAMILY_SIZE, N_SYNONYMS = 16, 3, 3
 SYNONYM_WEIGHTS = (0.6, 0.25, 0.15)  # how often texts use each synonym (queries draw uniformly)
+JUDGED_PER_QUERY = (20, 60)  # judged items per test query (grade 0 included)
 N_NOUNS, N_ADJECTIVES, N_VERBS, N_UNITS, N_SITES = 220, 80, 80, 24, 40
 
 # --- sentence templates ({E} entity, {A} attribute word, {F} family word, {V} value, {O} other entity,
@@ -147,6 +149,7 @@ class TaskSpec:
     lead: int
     test_judged: int = 43
     test_unjudged: int = 17
+    heldout_entities: float = 0.25  # share of entities asked about only by dev, test and lead queries
     first_qid: int = 1
     id_range: Optional[int] = None  # documents: docids are drawn from 1..id_range
 
@@ -409,18 +412,27 @@ def make_corpus(rng: random.Random, lang: Language, spec: TaskSpec, used_names: 
 
 
 def split_queries(rng: random.Random, corpus: Corpus, writer: Writer, spec: TaskSpec) -> dict[str, QuerySet]:
-    """Queries for train, dev, test (judged first, then unjudged) and lead on disjoint pairs; qids unique, random."""
+    """Queries for dev, test (judged first, then unjudged), lead and train, one per (entity, attribute) pair.
+
+    A share of the entities is held out: dev, test and lead ask only about them and train never does, so no
+    evaluation positive is ever a training hard negative (with ~20 items per entity it otherwise always would
+    be, and a small model learns to push every non-training positive down).  qids are unique and random.
+    """
+    entities = list(range(len(corpus.names)))
+    rng.shuffle(entities)
+    held_out = set(entities[:round(spec.heldout_entities * len(entities))])
     pairs = list(dict.fromkeys(corpus.topics))
     rng.shuffle(pairs)
+    pools = {True: [p for p in pairs if p[0] in held_out], False: [p for p in pairs if p[0] not in held_out]}
     sizes = {"dev": spec.dev, "test": spec.test_judged + spec.test_unjudged, "lead": spec.lead, "train": spec.train}
-    if sum(sizes.values()) > len(pairs):
-        raise ValueError(f"{spec.name}: {len(pairs)} topics cannot hold {sum(sizes.values())} queries")
-    qids = rng.sample(range(spec.first_qid, 1_200_000), sum(sizes.values()))
-    splits, start = {}, 0
+    qids = iter(rng.sample(range(spec.first_qid, 1_200_000), sum(sizes.values())))
+    splits = {}
     for split, size in sizes.items():
-        chosen = [(qids[start + i], writer.query(*pair), pair) for i, pair in enumerate(pairs[start:start + size])]
-        splits[split] = QuerySet(tuple(chosen))
-        start += size
+        pool = pools[split != "train"]
+        if size > len(pool):
+            raise ValueError(f"{spec.name}: too few (entity, attribute) pairs for {size} {split} queries")
+        splits[split] = QuerySet(tuple((next(qids), writer.query(*pair), pair) for pair in pool[:size]))
+        del pool[:size]
     return splits
 
 
@@ -453,8 +465,8 @@ def graded_qrels(rng: random.Random, lang: Language, corpus: Corpus, queries: Se
                   for line in lines_of_entity[entity] for a in [corpus.topics[line][1]]}
         same_attribute = [line for line in lines_of_attribute[attribute] if line not in grades]
         negatives = rng.sample(same_attribute, min(len(same_attribute), rng.randint(4, 12)))
-        n_negatives = len(grades) + rng.randint(8, 24)
-        while len(negatives) < n_negatives:
+        n_judged = rng.randint(max(JUDGED_PER_QUERY[0], len(grades) + 8), JUDGED_PER_QUERY[1])
+        while len(grades) + len(negatives) < n_judged:
             line = rng.randrange(len(corpus.topics))
             if line not in grades and line not in negatives:
                 negatives.append(line)

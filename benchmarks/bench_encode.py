@@ -93,6 +93,7 @@ class TokenCounter(torch.nn.Module):
     def __init__(self, inner: DenseEncoder):
         super().__init__()
         self.inner, self.fed = inner, 0
+        self.train(inner.training)  # encode_to_memmap restores the wrapper's mode afterwards
 
     @property
     def output_dim(self) -> int:

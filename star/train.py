@@ -44,8 +44,6 @@ from model import DenseEncoder
 logger = logging.getLogger("star.train")
 
 MODES = ("star", "inbatch", "rand")
-DOC_TENSORS = ("query_input_ids", "query_attention_mask", "doc_input_ids", "doc_attention_mask",
-               "other_doc_input_ids", "other_doc_attention_mask", "rel_pair_mask", "other_pair_mask")
 # settings that decide the data order / batch composition: a resume with other values is not exact
 RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
                "world_size", "hard_num", "rand_num", "max_query_length", "max_doc_length")
@@ -56,7 +54,7 @@ global batch of per_device x world_size queries; one optimizer step covers per_d
 gradient_accumulation_steps queries (accumulated micro-batches do not see each other's negatives).
 
 Kept from the original on purpose: the pooled loss with no alpha (issue #20); --hard_num 1 (the original
-hard-coded 1); the 100-epoch linear schedule (the authors stopped the run around 50k steps, LR still ~75%%
+hard-coded 1); the 100-epoch linear schedule (the authors stopped the run around 50k steps, LR still ~75%
 of peak); weight decay on every parameter except names containing "bias" or "LayerNorm.weight", so the head's
 norm.weight IS decayed; Lamb without bias correction, decay inside the trust ratio, weight norm clamped at 10;
 the first 10 batches padded to the maximum lengths.
@@ -75,67 +73,76 @@ torch.optim.AdamW; DDP via torchrun; --bf16.
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and appends each meaningful default (not None/False) to the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_Formatter)
     data = p.add_argument_group("data and model")
     data.add_argument("--init_path", required=True, help="warm-up model folder (e.g. the ANCE/STAR warm-up)")
     data.add_argument("--preprocess_dir", required=True,
                       help="preprocess output: passages.*, train-query.*, train-qrel.tsv")
     data.add_argument("--negative_mode", choices=MODES, default="star",
-                      help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg "
-                           "(default star)")
+                      help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg")
     data.add_argument("--hardneg_path", help="hard.npy (+ hard_qids.npy) or hard.json of the TRAIN queries "
                                              "(star/prepare_hardneg.py --mode train); required for star")
     data.add_argument("--hard_num", type=int, default=1,
-                      help="hard negatives sampled per query per epoch (default 1, as the original)")
+                      help="hard negatives sampled per query per epoch (the original hard-coded 1)")
     data.add_argument("--rand_num", type=int, default=1,
-                      help="random corpus docs per query for --negative_mode rand (default 1; the paper's "
-                           "value is not in the repo)")
-    data.add_argument("--max_query_length", type=int, default=24, help="query truncation (default 24)")
+                      help="random corpus docs per query for --negative_mode rand (the paper's value is "
+                           "not in the repo)")
+    data.add_argument("--max_query_length", type=int, default=24, help="query truncation")
     data.add_argument("--max_doc_length", type=int, default=120,
-                      help="doc truncation, end token kept (default 120: passages; the code comment says 512 "
-                           "for documents)")
+                      help="doc truncation, end token kept (120: passages; the code comment says 512 for "
+                           "documents)")
     data.add_argument("--padding", action="store_true", help="always pad batches to the maximum lengths")
     data.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing")
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="./data/passage/star_train/models",
-                     help="checkpoints (checkpoint-<step>/) and the final model (default %(default)s)")
+                     help="checkpoints (checkpoint-<step>/) and the final model")
     out.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT_DIR/log)")
     out.add_argument("--overwrite_output_dir", action="store_true",
                      help="train into a non-empty output_dir (its old checkpoint-* folders are removed)")
     out.add_argument("--resume", action="store_true",
                      help="continue from the latest checkpoint in output_dir as if never stopped "
                           "(starts from scratch when there is none)")
-    out.add_argument("--logging_steps", type=int, default=50, help="TensorBoard/console interval (default 50)")
+    out.add_argument("--logging_steps", type=int, default=50, help="TensorBoard/console interval in steps")
     out.add_argument("--save_steps", type=int, default=None,
-                     help="also checkpoint every N steps (default: only at each epoch end, as the original)")
+                     help="also checkpoint every N steps (None: only at each epoch end, as the original)")
     out.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_device_train_batch_size", type=int, default=256,
-                     help="queries per process per micro-batch (default 256)")
-    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="default lamb")
-    opt.add_argument("--learning_rate", type=float, default=1e-4)
-    opt.add_argument("--weight_decay", type=float, default=0.01)
-    opt.add_argument("--adam_beta1", type=float, default=0.9)
-    opt.add_argument("--adam_beta2", type=float, default=0.999)
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+                     help="queries per process per micro-batch")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
+    opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="optimizer")
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    opt.add_argument("--weight_decay", type=float, default=0.01,
+                     help="for all parameters but *bias* and *LayerNorm.weight*")
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="Lamb/AdamW beta1")
+    opt.add_argument("--adam_beta2", type=float, default=0.999, help="Lamb/AdamW beta2")
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="Lamb/AdamW epsilon")
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="clip (after fp16 unscaling); <= 0: off")
     opt.add_argument("--num_train_epochs", type=float, default=100.0,
-                     help="schedule length (default 100, faithful; the authors killed the run ~50k steps)")
+                     help="schedule length (faithful; the authors killed the run around 50k steps)")
     opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
-    opt.add_argument("--warmup_steps", type=int, default=1000)
-    opt.add_argument("--seed", type=int, default=42)
+    opt.add_argument("--warmup_steps", type=int, default=1000, help="linear warm-up steps")
+    opt.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
 
     hw = p.add_argument_group("hardware")
     prec = hw.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 autocast + GradScaler (losses in fp32)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a deviation; losses in fp32)")
     hw.add_argument("--no_cuda", action="store_true", help="train on the CPU even if CUDA is available")
-    hw.add_argument("--dataloader_num_workers", type=int, default=0)
+    hw.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
     hw.add_argument("--do_train", action="store_true", help="accepted for compatibility (always trains)")
     hw.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                     help="ignored: the rank comes from torchrun's environment")
@@ -410,18 +417,20 @@ def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module,
             tu.optimizer_step(parameters, optimizer, scheduler, scaler, args.max_grad_norm)
             progress.step_in_epoch += 1
             progress.global_step += 1
+            epoch_done = progress.step_in_epoch == plan.steps_per_epoch
+            if epoch_done:  # a checkpoint at an epoch end resumes at the start of the next epoch
+                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
             interval_loss += step_loss
             interval_steps += 1
             log.step(1)
             if progress.global_step % args.logging_steps == 0:
                 write_log()
-            if args.save_steps and args.save_steps > 0 and progress.global_step % args.save_steps == 0:
+            save_due = bool(args.save_steps) and args.save_steps > 0 and progress.global_step % args.save_steps == 0
+            if epoch_done or save_due:  # every epoch end, as the original's callback
                 save(progress.epoch, progress.step_in_epoch)
+            if epoch_done:
+                break
         del batches, loader
-        if progress.step_in_epoch == plan.steps_per_epoch:
-            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            if last_saved != progress.global_step:
-                save(progress.epoch, 0)  # every epoch end, as the original's callback
     if interval_steps:
         write_log()
     if last_saved != progress.global_step:

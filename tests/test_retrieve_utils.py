@@ -236,6 +236,9 @@ def test_open_embeddings_validates_size_dim_and_values(tmp_path):
     np.zeros(0, np.float32).tofile(path)
     with pytest.raises(InputError, match="multiple"):
         ru.open_embeddings(path, dim=4)
+    ru.manifest_path(path).write_text('{"format": "star-adore-embeddings/1", "dim": 4}')
+    with pytest.raises(InputError, match="manifest lacks"):
+        ru.open_embeddings(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def test_complete_memmap_is_reused_without_encoding(tmp_path, corpus):
     _, dataset = corpus
     first = encode(tiny_encoder(0), dataset, tmp_path / "e.memmap")
     never = CountingModel(tiny_encoder(0), fail_at=1)
-    again = encode(never, dataset, tmp_path / "e.memmap")
+    again = encode(never, dataset, tmp_path / "e.memmap", amp="bf16")  # autocast is CUDA-only: still fp32
     assert never.calls == 0 and np.array_equal(first, again)
 
 

@@ -127,6 +127,22 @@ def test_cli_smoke_writes_loadable_checkpoints_and_tensorboard(data, tmp_path, m
     assert all(np.isfinite(v) and v > 0 for _, v in scalars["loss"])
 
 
+def test_accumulation_bf16_checkpointing_and_save_limit(data, tmp_path):
+    """batch 2, accumulation 4: 6 micro-batches per epoch = steps of 4 + 2 micro-batches, 2 steps per epoch."""
+    from star import train as star_train
+
+    out = tmp_path / "out"
+    star_train.main(cli_args(data, out, "star", "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
+                             "--bf16", "--gradient_checkpointing", "--save_total_limit", "2",
+                             "--logging_dir", str(tmp_path / "tb"), batch=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    state = torch.load(out / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    assert state["global_step"] == 6 and state["extra"]["epoch"] == 3 and state["extra"]["step_in_epoch"] == 0
+    losses = read_scalars(tmp_path / "tb")["loss"]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in losses)
+    assert not (out / "log").exists()
+
+
 def read_scalars(log_dir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -190,22 +206,26 @@ def test_cli_refuses_non_empty_output_dir_and_missing_hardneg(data, tmp_path, ca
 
 # -- resume ---------------------------------------------------------------------------------------------------
 
-def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path):
-    """7 steps straight vs 4 steps (stops mid-epoch 1) then --resume to 7; dropout on, so RNG restore matters.
-    warmup 100 > 7: the LR of step s is the same whatever --max_steps is."""
+@pytest.mark.parametrize("batch,accum,stop,total", [(4, 1, 4, 7), (2, 4, 2, 5)])
+def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path, batch, accum, stop, total):
+    """``total`` steps straight vs ``stop`` steps then --resume to ``total``; dropout on, so the RNG restore
+    matters.  12 queries: batch 4 → 3 steps per epoch, the stop is mid-epoch 1; batch 2 with accumulation 4 →
+    steps of 4 + 2 micro-batches, the stop is at the end of epoch 0.  warmup 100 > total: the LR of step s is
+    the same whatever --max_steps is."""
     from star import train as star_train
 
-    common = ("--warmup_steps", "100", "--learning_rate", "5e-2")
-    star_train.main(cli_args(data, tmp_path / "straight", "star", "--max_steps", "7", *common))
-    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", "4", *common))
-    assert (tmp_path / "resumed" / "checkpoint-4").is_dir()
-    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", "7", "--resume", *common))
+    common = ("--warmup_steps", "100", "--learning_rate", "5e-2", "--gradient_accumulation_steps", str(accum))
+    star_train.main(cli_args(data, tmp_path / "straight", "star", "--max_steps", str(total), *common, batch=batch))
+    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(stop), *common, batch=batch))
+    assert (tmp_path / "resumed" / f"checkpoint-{stop}").is_dir()
+    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(total), "--resume", *common,
+                             batch=batch))
     straight, resumed = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
     init = load_weights(data["init"])
     assert any(not torch.equal(straight[k], init[k]) for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
-    interrupted = load_weights(tmp_path / "resumed" / "checkpoint-4")
+    interrupted = load_weights(tmp_path / "resumed" / f"checkpoint-{stop}")
     assert any(not torch.equal(straight[k], interrupted[k]) for k in straight)
 
 
@@ -265,6 +285,7 @@ def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
             loss, grads = loss_and_grads(d, mode, local, rel, wrap_ddp=True)
             if rank == 0:  # numpy: a tensor in a Queue is shared memory that dies with this process
                 queue.put((mode, loss, {k: g.numpy() for k, g in grads.items()}))
+        tu.barrier()  # both ranks done before the group is torn down
     finally:
         tu.cleanup_distributed()
 

@@ -305,6 +305,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
         # numpy: a tensor in a Queue is shared memory that dies with this process
         queue.put((info.rank, gathered.detach().numpy(), local.grad.numpy(), tu.all_gather_object(rank * 10),
                    count.item()))
+        tu.barrier()  # both ranks done before the group is torn down
     finally:
         tu.cleanup_distributed()
 

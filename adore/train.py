@@ -1,0 +1,567 @@
+"""ADORE: train a query encoder against a frozen document index with dynamic hard negatives (spec §3.11, §5.4).
+
+    python adore/train.py --data_type passage --init_path data/passage/trained_models/star \\
+        --pembed_path data/passage/evaluate/star/passages.memmap --preprocess_dir data/passage/preprocess \\
+        --model_save_dir data/passage/adore_train/models --log_dir data/passage/adore_train/log
+
+Every micro-batch, with the encoder in train mode (dropout active, as the original):
+  1. encode the queries → q [B, dim];
+  2. search the top --neg_topk (K) documents of the DETACHED q in the frozen exact inner-product index — one
+     search call for the whole batch;
+  3. label them with the training qrels (y_r = 1 for a positive); when none of the K is a positive, append all of
+     the query's positives after position K (``--append_missing_positives none_retrieved``, the original); with
+     ``always``, the positives missing from the K are appended to every query, de-duplicated (the authors' later
+     JPQ code);
+  4. score f_r = q·e(p_r) in fp32 with the frozen embeddings e (gradient to q only) and take the §5.4 loss
+     (``losses.adore_batch_loss``)::
+
+       loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s|·softplus(f_s − f_r) / #{(r, s)},  a_r = 1/r if r ≤ metric_cut
+                                                                                          else 0 (r 1-based)
+       loss   = Σ_q loss_q / (per_gpu_batch_size × gradient_accumulation_steps)
+
+  5. backward, then clip the gradient norm to --max_grad_norm.  Every gradient_accumulation_steps micro-batches:
+     AdamW step, linear schedule step, zero the gradients.
+
+Only the query encoder is trained.  The document embeddings (--pembed_path, the STAR corpus encoding, float32
+[N, dim] with dim = the model's output size) are opened read-only and never written.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import retrieve_utils as ru
+import train_utils as tu
+from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
+from io_utils import InputError, atomic_write_json, require_file, run_cli
+from losses import adore_batch_loss
+from model import DenseEncoder
+
+logger = logging.getLogger("adore.train")
+
+APPEND_MODES = ("none_retrieved", "always")
+DATA_TYPES = ("passage", "doc")
+PASSAGE_METRIC_CUT = 200  # README passage command
+EPOCH_PREFIX = "epoch-"
+TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
+# settings that decide the data order and the loss: a resume with other values is not exact
+RESUME_KEYS = ("seed", "per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
+               "metric_cut", "append_missing_positives")
+
+EPILOG = """\
+--metric_cut: no silent default.  The original's default (None) made every pair weight 0, so nothing trained.
+Here --data_type passage gives 200 (the README's passage command); for documents the paper's value is not
+documented, so --data_type doc (or no --data_type) requires an explicit --metric_cut (JPQ uses 10).
+
+Index (exact inner product, fp32, row = document offset), one search call per micro-batch:
+  * --index_backend faiss: faiss IndexFlatIP on CPU (--faiss_omp_num_threads), on one GPU (--faiss_gpu_index 1;
+    the original passed a list where faiss wants an int) or sharded over several (--faiss_gpu_index 1 2 3);
+  * --index_backend tensor (= --index_on_model_device): a torch tensor on the model's device, chunked matmul +
+    top-k (on a GPU this needs N x dim x 4 bytes beside the model: 27 GB for MS MARCO passages);
+  * auto (default): faiss on --faiss_gpu_index when given, else the tensor when the model is on a GPU with room
+    for it (keeping 6 GiB for training), else CPU faiss.
+  --search_precision fast (tensor backend): a bf16 scan, fp32 re-scoring of the top K + --search_margin and a
+  certificate that the top K equals the fp32 search; uncertified queries are searched again in fp32, so the
+  result is the same exact top K (up to fp32 rounding order), with about half the memory traffic per scan.
+  Retrieved embeddings are gathered from the tensor, or from the read-only memmap (as the original).
+
+Kept from the original on purpose: dropout active while retrieving (the ranks include the dropout noise);
+positives appended only when none was retrieved; the loss divided by the NOMINAL per_gpu_batch_size x
+gradient_accumulation_steps, also for a short last batch; gradient clipping after EVERY backward (also
+between accumulated micro-batches); AdamW with weight decay on all but *bias* and *LayerNorm.weight* (the
+head's norm.weight IS decayed); linear warm-up then decay over the whole run; the first 10 batches padded to
+--max_seq_length; fp32 everywhere; epoch-<k> model folders after each epoch.
+
+Fixed / changed: --metric_cut resolution above; the single-GPU faiss bug; the model may run on the CPU
+(--model_device cpu / --no_cuda), so training works without a GPU; the data order is a seeded permutation per
+epoch (the original used a RandomSampler), which makes --resume exact: checkpoint-<step> folders (model +
+optimizer, schedule, RNG and data position) at each epoch end and every --save_steps, and --resume continues
+from the latest as if never stopped; with gradient accumulation the last optimizer step of an epoch takes the
+leftover micro-batches (the original carried them into the next epoch); --max_steps for short runs (the
+schedule then spans max_steps); TensorBoard events go to --log_dir itself (the original added a
+time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr_10, train/recall_10
+(plus train/search_fallback_rate with --search_precision fast); one process only (no DDP).
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and shows each default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_Formatter)
+    data = p.add_argument_group("data and model")
+    data.add_argument("--init_path", required=True, help="query-encoder initialisation (e.g. the STAR model folder)")
+    data.add_argument("--pembed_path", required=True,
+                      help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
+    data.add_argument("--preprocess_dir", required=True, help="preprocess output: train-query.*, train-qrel.tsv")
+    data.add_argument("--data_type", choices=DATA_TYPES, default=None,
+                      help="only sets the --metric_cut default (passage: 200; doc: none, must be given)")
+    data.add_argument("--max_seq_length", type=int, default=64, help="query truncation in tokens")
+    data.add_argument("--allow_pickle", action="store_true",
+                      help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
+    data.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
+
+    adore = p.add_argument_group("ADORE")
+    adore.add_argument("--metric_cut", type=int, default=None,
+                       help="depth cut of the 1/rank pair weights (see below; must be >= 1)")
+    adore.add_argument("--neg_topk", type=int, default=200, help="documents retrieved per query per step (K)")
+    adore.add_argument("--append_missing_positives", choices=APPEND_MODES, default="none_retrieved",
+                       help="none_retrieved: append all positives when none is in the top K (original); always: "
+                            "append the missing positives of every query, de-duplicated (JPQ)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--model_save_dir", required=True,
+                     help="epoch-<k>/ model folders and checkpoint-<step>/ resumable checkpoints")
+    out.add_argument("--log_dir", default=None, help="TensorBoard folder (default: MODEL_SAVE_DIR/log)")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="train into a non-empty model_save_dir (its old checkpoint-*/epoch-* folders are removed)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint-<step> in model_save_dir as if never stopped "
+                          "(starts from scratch when there is none)")
+    out.add_argument("--logging_steps", type=int, default=100, help="TensorBoard/console interval in steps")
+    out.add_argument("--save_steps", type=int, default=None,
+                     help="also write a checkpoint every N steps (default: only at each epoch end)")
+    out.add_argument("--save_total_limit", type=int, default=None,
+                     help="keep only the newest N checkpoint-* folders (epoch-* folders are always kept)")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--per_gpu_batch_size", type=int, default=32, help="queries per micro-batch")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
+    opt.add_argument("--learning_rate", type=float, default=5e-6, help="peak learning rate (AdamW)")
+    opt.add_argument("--weight_decay", type=float, default=0.01,
+                     help="for all parameters but *bias* and *LayerNorm.weight*")
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="clip after every backward; <= 0: off")
+    opt.add_argument("--num_train_epochs", type=float, default=6.0, help="schedule length in epochs")
+    opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
+    opt.add_argument("--warmup_steps", type=int, default=2000, help="linear warm-up steps")
+    opt.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
+
+    hw = p.add_argument_group("devices and index")
+    hw.add_argument("--model_device", default=None,
+                    help="device of the query encoder: cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX when "
+                         "CUDA is available and not --no_cuda, else cpu)")
+    hw.add_argument("--model_gpu_index", type=int, default=0, help="the original's way to pick the encoder's GPU")
+    hw.add_argument("--no_cuda", action="store_true", help="run the encoder on the CPU")
+    hw.add_argument("--index_backend", choices=ru.INDEX_BACKENDS, default="auto", help="see below")
+    hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
+                    help="same as --index_backend tensor")
+    hw.add_argument("--faiss_gpu_index", type=int, nargs="*", default=[],
+                    help="GPUs of the faiss index (several: sharded); none: CPU faiss")
+    hw.add_argument("--faiss_omp_num_threads", type=int, default=None,
+                    help="OpenMP threads of CPU faiss (default: faiss's, one per core; the original used 32)")
+    hw.add_argument("--search_precision", choices=ru.SEARCH_PRECISIONS, default="fp32",
+                    help="fp32 (original) or fast: certified-exact bf16 scan + fp32 re-scoring (tensor index)")
+    hw.add_argument("--search_margin", type=int, default=None,
+                    help="fast search: extra candidates re-scored beyond K (default: K)")
+    hw.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
+    return p
+
+
+def resolve_metric_cut(metric_cut: Optional[int], data_type: Optional[str]) -> int:
+    """The ΔRR depth cut: an explicit ``metric_cut`` (must be ≥ 1), else 200 for passages; documents and an
+    unknown task must pass it (the original's None trained on a zero loss, spec §10.4)."""
+    if metric_cut is not None:
+        if isinstance(metric_cut, bool) or metric_cut < 1:
+            raise InputError("--metric_cut must be >= 1 (0 or no cut makes every pair weight 0: no training)",
+                             value=metric_cut)
+        return int(metric_cut)
+    if data_type == "passage":
+        return PASSAGE_METRIC_CUT
+    if data_type == "doc":
+        raise InputError("pass --metric_cut for --data_type doc: the paper's document value is not documented "
+                         "(JPQ uses 10)")
+    raise InputError("pass --metric_cut (the README uses 200 for passages) or --data_type passage")
+
+
+def resolve_model_device(model_device: Optional[str], model_gpu_index: int, no_cuda: bool) -> torch.device:
+    """``--model_device`` if given, else ``cuda:<model_gpu_index>`` when CUDA is usable, else the CPU."""
+    if model_device is not None:
+        try:
+            device = torch.device(model_device)
+        except RuntimeError:
+            raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device) from None
+        if device.type not in ("cpu", "cuda"):
+            raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device)
+        if device.type == "cpu":
+            return device
+        if no_cuda:
+            raise InputError("--no_cuda contradicts --model_device", value=model_device)
+        model_gpu_index = device.index or 0
+    elif no_cuda or not torch.cuda.is_available():
+        if not no_cuda:
+            logger.info("CUDA is not available: the encoder trains on the CPU")
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not 0 <= model_gpu_index < count:
+        raise InputError(f"CUDA device {model_gpu_index} requested but {count} visible", value=model_gpu_index)
+    return torch.device("cuda", model_gpu_index)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the arguments and fill in the resolved ``metric_cut`` and ``log_dir`` (raises :class:`InputError`)."""
+    for name in ("per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
+                 "logging_steps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1", value=getattr(args, name))
+    for name in ("warmup_steps", "learning_rate", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be >= 0", value=getattr(args, name))
+    if args.search_margin is not None and args.search_margin < 0:
+        raise InputError("--search_margin must be >= 0", value=args.search_margin)
+    if args.faiss_omp_num_threads is not None and args.faiss_omp_num_threads < 1:
+        raise InputError("--faiss_omp_num_threads must be >= 1", value=args.faiss_omp_num_threads)
+    args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
+    if args.log_dir is None:
+        args.log_dir = str(Path(args.model_save_dir) / "log")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One micro-batch: retrieve → labels → scores → loss
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Candidates:
+    """Each query's list (a row): its retrieved documents in rank order, then any appended positives.
+
+    ``ids`` int64 [B, n] document offsets and ``labels`` bool [B, n] (True = positive), left-aligned and padded
+    (id 0, label False) beyond ``lengths`` [B]; ``n_retrieved`` [B] how many of the row were retrieved;
+    ``mrr10`` / ``hit10`` float64 [B]: 1/rank of the first positive in the retrieved top 10 (else 0) and whether
+    there is one (the original's train/mrr_10 and train/recall_10).
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    n_retrieved: np.ndarray
+    mrr10: np.ndarray
+    hit10: np.ndarray
+
+
+def label_candidates(retrieved: np.ndarray, positives: Sequence[Sequence[int]], append: str) -> Candidates:
+    """Label each query's retrieved ids (``[B, K]`` int64 in rank order; ``-1`` padding, when K exceeds the
+    corpus, is dropped) with its ``positives`` and append positives:
+
+    * ``"none_retrieved"`` (original): if no retrieved id is a positive, append ALL of the query's positives as
+      listed (a pair listed twice in the qrels appears twice, as the original); otherwise append none;
+    * ``"always"`` (JPQ): append the positives not among the retrieved ids, each once, in listed order.
+    """
+    if append not in APPEND_MODES:
+        raise ValueError(f"append must be one of {APPEND_MODES}, got {append!r}")
+    if len(retrieved) != len(positives):
+        raise ValueError(f"{len(retrieved)} rows of results for {len(positives)} queries")
+    rows, labels = [], []
+    mrr10, hit10 = np.zeros(len(retrieved)), np.zeros(len(retrieved))
+    n_retrieved = np.zeros(len(retrieved), np.int64)
+    for i, (row, pos) in enumerate(zip(np.asarray(retrieved, np.int64), positives)):
+        row = row[row >= 0]
+        is_pos = np.isin(row, np.asarray(pos, np.int64))
+        first = np.flatnonzero(is_pos[:TOP_METRIC_DEPTH])
+        if first.size:
+            mrr10[i], hit10[i] = 1.0 / (first[0] + 1), 1.0
+        if append == "always":
+            seen = set(row.tolist())
+            extra = [p for p in dict.fromkeys(int(p) for p in pos) if p not in seen]
+        else:
+            extra = [int(p) for p in pos] if not is_pos.any() else []
+        n_retrieved[i] = len(row)
+        rows.append(np.concatenate([row, np.asarray(extra, np.int64)]))
+        labels.append(np.concatenate([is_pos, np.ones(len(extra), bool)]))
+    lengths = np.array([len(r) for r in rows], np.int64)
+    ids = np.zeros((len(rows), int(lengths.max(initial=0))), np.int64)
+    flags = np.zeros(ids.shape, bool)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, : len(row)], flags[i, : len(label)] = row, label
+    return Candidates(ids, flags, lengths, n_retrieved, mrr10, hit10)
+
+
+def retrieve_candidates(index: ru.TrainingIndex, q: torch.Tensor, positives: Sequence[Sequence[int]], k: int,
+                        append: str) -> Candidates:
+    """Search the top ``k`` of the detached queries (one call for the batch) and label them
+    (:func:`label_candidates`)."""
+    _, ids = index.search(q.detach(), k)
+    return label_candidates(ids, positives, append)
+
+
+def candidate_scores(index: ru.TrainingIndex, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+    """``f[i, r] = q_i · e(ids[i, r])`` in float32 ``[B, n]`` (padding included; masked by the loss); the frozen
+    embeddings come from the index, the gradient flows to ``q`` only."""
+    docs = index.gather(candidates.ids, q.device)                 # [B, n, dim], no grad
+    with tu.fp32_context(q.device):
+        return torch.bmm(docs, q.float().unsqueeze(2)).squeeze(2)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    k: int
+    append: str
+    metric_cut: int
+    divisor: float  # per_gpu_batch_size × gradient_accumulation_steps (nominal, faithful)
+
+
+def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex, inputs: dict[str, torch.Tensor],
+                     positives: Sequence[Sequence[int]], settings: LossSettings,
+                     device: torch.device) -> tuple[torch.Tensor, Candidates]:
+    """Encode (train mode), retrieve, label, score and return the §5.4 loss of one micro-batch."""
+    q = model(inputs["input_ids"].to(device, non_blocking=True),
+              inputs["attention_mask"].to(device, non_blocking=True))
+    candidates = retrieve_candidates(index, q, positives, settings.k, settings.append)
+    scores = candidate_scores(index, q, candidates)
+    labels = torch.from_numpy(candidates.labels).to(device)
+    lengths = torch.from_numpy(candidates.lengths).to(device)
+    return adore_batch_loss(scores, labels, settings.metric_cut, settings.divisor, lengths), candidates
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands: ``epoch`` (0-based, current), optimizer steps done in it, and in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    mrr: float = 0.0
+    hits: float = 0.0
+    queries: int = 0
+    searched: int = 0
+    fallbacks: int = 0
+
+    @classmethod
+    def start(cls, fallback: Optional[tuple[int, int]]) -> "Window":
+        """An empty window; ``fallback``: the fast index's (queries searched, fallbacks) counters so far."""
+        searched, fallbacks = fallback or (0, 0)
+        return cls(searched=searched, fallbacks=fallbacks)
+
+    def add_candidates(self, c: Candidates) -> None:
+        self.mrr += float(c.mrr10.sum())
+        self.hits += float(c.hit10.sum())
+        self.queries += len(c.mrr10)
+
+    def scalars(self, lr: float, fallback: Optional[tuple[int, int]]) -> dict[str, float]:
+        out = {"lr": lr, "train/all_loss": self.loss / max(self.steps, 1),
+               "train/mrr_10": self.mrr / max(self.queries, 1), "train/recall_10": self.hits / max(self.queries, 1)}
+        if fallback is not None:
+            searched, fallbacks = fallback[0] - self.searched, fallback[1] - self.fallbacks
+            out["train/search_fallback_rate"] = fallbacks / max(searched, 1)
+        return out
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds (built by :func:`setup`)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: DenseEncoder
+    index: ru.TrainingIndex
+    dataset: TrainQueryDataset
+    collator: QueryCollator
+    sampler: tu.GlobalBatchSampler
+    plan: tu.TrainingPlan
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    progress: Progress = field(default_factory=Progress)
+    resumed_from: Optional[Path] = None
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        a = self.args
+        return LossSettings(a.neg_topk, a.append_missing_positives, a.metric_cut,
+                            float(a.per_gpu_batch_size * a.gradient_accumulation_steps))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in RESUME_KEYS}
+
+
+def load_queries(preprocess_dir: Path, max_seq_length: int, n_docs: int) -> TrainQueryDataset:
+    """The training queries (``train-query`` memmaps + ``train-qrel.tsv``); every positive must be a row of the
+    document embeddings."""
+    qrel_path = require_file(preprocess_dir / "train-qrel.tsv", "training qrels")
+    rel = load_rel(qrel_path)
+    dataset = TrainQueryDataset(rel, TokenIdsCache(preprocess_dir, "train-query"), max_seq_length)
+    largest = max(max(p) for p in rel.values())
+    if largest >= n_docs:
+        raise InputError(f"a positive offset is beyond the {n_docs} document embeddings (other corpus?)",
+                         path=qrel_path, value=largest)
+    return dataset
+
+
+def _remove_old_epochs(save_dir: Path) -> None:
+    for old in save_dir.glob(f"{EPOCH_PREFIX}*"):
+        if old.is_dir() and old.name[len(EPOCH_PREFIX):].isdigit():
+            logger.info("removing the previous run's %s", old)
+            shutil.rmtree(old)
+
+
+def setup(args: argparse.Namespace) -> Trainer:
+    """Model, frozen index, data, optimizer and schedule (restored from the latest checkpoint with --resume)."""
+    save_dir = Path(args.model_save_dir)
+    tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    if args.overwrite_output_dir and not args.resume:
+        _remove_old_epochs(save_dir)
+    checkpoint = tu.latest_checkpoint(save_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", save_dir)
+    tu.set_seed(args.seed)
+    device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = DenseEncoder.from_pretrained(args.init_path, allow_pickle=args.allow_pickle).to(device)
+    docs = ru.open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite)
+    index = ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device, args.search_precision,
+                                    args.search_margin, args.faiss_omp_num_threads)
+    dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, index.ntotal)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    collator = QueryCollator(args.max_seq_length, pad_token_id=pad)
+    sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed)
+    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
+                                  args.num_train_epochs, args.max_steps)
+    optimizer = tu.build_optimizer("adamw", tu.param_groups(model, args.weight_decay), args.learning_rate,
+                                   eps=args.adam_epsilon)
+    scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
+    trainer = Trainer(args, device, model, index, dataset, collator, sampler, plan, optimizer, scheduler,
+                      tu.make_grad_scaler(device, fp16=False))
+    if checkpoint is not None:
+        _restore(trainer, checkpoint)
+    return trainer
+
+
+def _restore(t: Trainer, checkpoint: Path) -> None:
+    extra = tu.load_checkpoint(checkpoint, t.model, t.optimizer, t.scheduler, t.scaler)
+    saved, now = extra.get("settings", {}), _settings(t.args)
+    changed = [f"{k}: {saved[k]} -> {now[k]}" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        logger.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
+                       "; ".join(changed))
+    t.progress = Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
+    t.resumed_from = checkpoint
+    # only the first batches the collator sees are padded to the maximum length
+    t.collator.batches_seen = (t.progress.epoch * t.plan.micro_batches_per_epoch
+                               + t.progress.step_in_epoch * t.plan.gradient_accumulation_steps)
+    logger.info("resuming from %s (epoch %d, step %d in epoch, global step %d)", checkpoint, t.progress.epoch,
+                t.progress.step_in_epoch, t.progress.global_step)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run ADORE training as configured by the validated ``args``; returns ``model_save_dir``."""
+    t = setup(args)
+    logger.info("ADORE: %d training queries, batch %d x %d accumulation, %d steps/epoch, %d steps (%d epochs), "
+                "encoder on %s, metric_cut %d, K %d", len(t.dataset), args.per_gpu_batch_size,
+                args.gradient_accumulation_steps, t.plan.steps_per_epoch, t.plan.total_steps, t.plan.num_epochs,
+                t.device, args.metric_cut, args.neg_topk)
+    log = tu.TrainLogger(args.log_dir, t.plan.total_steps, t.progress.global_step,
+                         purge_step=t.progress.global_step if t.resumed_from is not None else None)
+    try:
+        _loop(t, log)
+    finally:
+        log.close()
+    return Path(args.model_save_dir)
+
+
+def _save(t: Trainer, epoch_done: bool) -> None:
+    """``checkpoint-<step>`` (resume state); after an epoch also the ``epoch-<k>`` model folder (k 1-based)."""
+    p = t.progress
+    extra = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "settings": _settings(t.args)}
+    tu.save_checkpoint(t.args.model_save_dir, p.global_step, t.model, t.optimizer, t.scheduler, t.scaler, extra,
+                       t.args.save_total_limit)
+    if epoch_done:
+        folder = Path(t.args.model_save_dir) / f"{EPOCH_PREFIX}{p.epoch}"
+        t.model.save_pretrained(folder)
+        atomic_write_json(folder / "training_args.json", vars(t.args))
+
+
+def _micro_batches(t: Trainer) -> Iterator[tuple[dict[str, torch.Tensor], list]]:
+    """The current epoch's remaining micro-batches, from the checkpointed position on."""
+    p, plan = t.progress, t.plan
+    t.sampler.set_epoch(p.epoch, start_batch=p.step_in_epoch * plan.gradient_accumulation_steps)
+    generator = torch.Generator().manual_seed(tu.epoch_seed(t.args.seed, p.epoch))  # not the global RNG
+    loader = DataLoader(t.dataset, batch_sampler=t.sampler, collate_fn=t.collator,
+                        num_workers=t.args.dataloader_num_workers, pin_memory=t.device.type == "cuda",
+                        generator=generator)
+    return iter(loader)
+
+
+def _loop(t: Trainer, log: tu.TrainLogger) -> None:
+    t.model.train()
+    args, p, plan = t.args, t.progress, t.plan
+    parameters = [q for q in t.model.parameters() if q.requires_grad]
+    settings = t.loss_settings
+    window = Window.start(t.index.fallback_stats)
+    last_saved = p.global_step if t.resumed_from is not None else -1
+
+    def write_log() -> None:
+        nonlocal window
+        stats = t.index.fallback_stats
+        log.log(window.scalars(t.scheduler.get_last_lr()[0], stats), p.global_step)
+        window = Window.start(stats)
+
+    while p.global_step < plan.total_steps and p.epoch < plan.num_epochs:
+        batches = _micro_batches(t)
+        while p.step_in_epoch < plan.steps_per_epoch and p.global_step < plan.total_steps:
+            step_loss = 0.0
+            for inputs, positives in itertools.islice(batches, plan.micro_batches_in_step(p.step_in_epoch)):
+                loss, candidates = micro_batch_loss(t.model, t.index, inputs, positives, settings, t.device)
+                loss.backward()
+                if args.max_grad_norm > 0:  # faithful: after every backward, also mid-accumulation
+                    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                step_loss += loss.item()
+                window.add_candidates(candidates)
+            tu.optimizer_step(parameters, t.optimizer, t.scheduler, t.scaler, max_grad_norm=0.0)  # clipped above
+            p.step_in_epoch += 1
+            p.global_step += 1
+            epoch_done = p.step_in_epoch == plan.steps_per_epoch
+            if epoch_done:  # a checkpoint at an epoch end resumes at the start of the next epoch
+                p.epoch, p.step_in_epoch = p.epoch + 1, 0
+            window.loss += step_loss
+            window.steps += 1
+            log.step(1, loss=f"{step_loss:.4f}")
+            if p.global_step % args.logging_steps == 0:
+                write_log()
+            if epoch_done or (args.save_steps and args.save_steps > 0 and p.global_step % args.save_steps == 0):
+                _save(t, epoch_done)
+                last_saved = p.global_step
+            if epoch_done:
+                break
+        del batches
+    if window.steps:
+        write_log()
+    if last_saved != p.global_step:
+        _save(t, epoch_done=False)
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    validate_args(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

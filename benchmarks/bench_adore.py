@@ -1,0 +1,232 @@
+"""Time per ADORE training step, split into encode / retrieve / loss+backward, and how retrieval scales with the corpus.
+
+Each measurement runs adore/train.py's own pieces on synthetic data, per index backend:
+
+* ``encode``: the query encoder's forward in train mode (batch of random full-length queries);
+* ``retrieve``: ``retrieve_candidates`` — one exact top-K search of the detached batch, labels, appended positives;
+* ``loss/backward``: ``candidate_scores`` (gather the K embeddings, fp32 scores) + ``adore_batch_loss`` + backward
+  + gradient clipping + the AdamW/schedule step.
+
+Backends: ``faiss`` (IndexFlatIP: CPU, or GPU with --device cuda when faiss has GPU support), ``tensor fp32``
+(chunked matmul + top-k on the model's device) and ``tensor fast`` (bf16 scan + fp32 re-scoring of K + margin
+candidates + certificate, fp32 fallback; on the CPU the bf16 products are emulated in fp32, so expect no speed-up
+there — it is the GPU path that halves the bytes read).  ``fallback`` is the share of queries the certificate
+could not settle (searched again in fp32).
+
+    python benchmarks/bench_adore.py                      # CPU: tiny encoder, 5k and 200k x 768 docs, B 32, K 200
+    python benchmarks/bench_adore.py --device cuda        # roberta-base-size encoder, 1M x 768 docs
+    python benchmarks/bench_adore.py --device cuda --rows 8841823     # MS MARCO passage size (41 GB with fast)
+
+Projection: an exact scan of MS MARCO passages reads 8.84M x 768 x 4 B = 27.2 GB per step (13.6 GB in bf16);
+at --bandwidth_gbs (default 3000, an H100-class GPU) that is the floor of the retrieval time per step.  It is
+compared with the encode + loss/backward time measured for the roberta-base-size encoder (--device cuda; absent
+from a CPU-only run) and with the original's README figure (one epoch of 15,717 steps in about an hour).
+
+Prints a table and writes ``benchmarks/results/adore.json`` (under the key ``cpu`` or ``cuda``; the other key is
+kept).  Timings are medians over --steps steps after --warmup steps.  On a busy small CPU use --threads 1 (the
+default here): spinning OpenMP threads make multi-threaded timings erratic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import retrieve_utils as ru
+import train_utils as tu
+from adore.train import candidate_scores, retrieve_candidates
+from io_utils import atomic_write_json, run_cli
+from losses import adore_batch_loss
+from model import DenseEncoder
+
+CPU_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+BASE_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+MSMARCO_PASSAGES = 8_841_823
+ORIGINAL_STEPS_PER_HOUR = 15_717  # README: one epoch (502,939 queries / 32) "only costs 1 hour"
+DIM = 768
+
+
+def build_model(size: dict[str, int], device: torch.device) -> DenseEncoder:
+    from transformers import RobertaConfig
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, output_embedding_size=DIM, **size)
+    return DenseEncoder.from_config(config).to(device).train()
+
+
+def random_embeddings(rows: int, seed: int) -> np.ndarray:
+    """Standard-normal float32 [rows, 768] (norms ≈ 27.7, like the LayerNorm-headed query embeddings)."""
+    out = np.empty((rows, DIM), np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, 1 << 18):
+        out[start:start + (1 << 18)] = rng.standard_normal((min(1 << 18, rows - start), DIM), dtype=np.float32)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: DenseEncoder, index: ru.TrainingIndex, device: torch.device, batch: int, q_len: int, k: int,
+            steps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of the three parts of a step over ``steps`` steps (after ``warmup``)."""
+    g = torch.Generator().manual_seed(0)
+    optimizer = tu.build_optimizer("adamw", tu.param_groups(model, 0.01), 5e-6)
+    scheduler = tu.linear_schedule(optimizer, 2000, 100000)
+    scaler = tu.make_grad_scaler(device, False)
+    parameters = list(model.parameters())
+    parts: dict[str, list[float]] = {"encode": [], "retrieve": [], "loss_backward": []}
+    for step in range(warmup + steps):
+        ids = torch.randint(4, 50265, (batch, q_len), generator=g)
+        ids[:, 0], ids[:, -1] = 0, 2
+        positives = [[int(p)] for p in torch.randint(0, index.ntotal, (batch,), generator=g)]
+        _sync(device)
+        t0 = time.perf_counter()
+        q = model(ids.to(device), torch.ones_like(ids).to(device))
+        _sync(device)
+        t1 = time.perf_counter()
+        candidates = retrieve_candidates(index, q, positives, k, "none_retrieved")
+        _sync(device)
+        t2 = time.perf_counter()
+        scores = candidate_scores(index, q, candidates)
+        loss = adore_batch_loss(scores, torch.from_numpy(candidates.labels).to(device), 200, float(batch),
+                                torch.from_numpy(candidates.lengths).to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        tu.optimizer_step(parameters, optimizer, scheduler, scaler, 0.0)
+        _sync(device)
+        t3 = time.perf_counter()
+        if step >= warmup:
+            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[name].append(seconds * 1000)
+    out = {f"{name}_ms": statistics.median(values) for name, values in parts.items()}
+    out["step_ms"] = sum(out.values())
+    out["retrieval_share"] = out["retrieve_ms"] / out["step_ms"]
+    return out
+
+
+def backends(device: torch.device, margins: list[int]) -> list[tuple[str, str, Optional[int]]]:
+    """``(backend, precision, margin)`` configurations to run."""
+    configs: list[tuple[str, str, Optional[int]]] = []
+    if device.type == "cpu" or ru.faiss_gpu_count() > 0:
+        configs.append(("faiss", "fp32", None))
+    configs.append(("tensor", "fp32", None))
+    configs += [("tensor", "fast", m) for m in margins]
+    return configs
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    size, label = (BASE_MODEL, "roberta-base size") if args.device == "cuda" else (CPU_MODEL, "hidden 64, 2 layers")
+    model = build_model(size, device)
+    rows_out = []
+    for rows in args.rows:
+        docs = random_embeddings(rows, seed=rows)
+        for backend, precision, margin in backends(device, args.margins or [args.k]):
+            start = time.perf_counter()
+            gpus = [device.index or 0] if backend == "faiss" and device.type == "cuda" else None
+            index = ru.build_training_index(docs, backend, gpus, device, precision, margin)
+            build_s = time.perf_counter() - start
+            try:
+                figures = measure(model, index, device, args.batch, args.q_len, args.k, args.steps, args.warmup)
+            except torch.OutOfMemoryError:
+                figures = {"error": "out of memory"}
+            stats = index.fallback_stats
+            rows_out.append({"rows": rows, "dim": DIM, "model": label, "batch": args.batch, "k": args.k,
+                             "backend": backend, "precision": precision, "margin": margin, "build_s": build_s,
+                             "fallback_rate": stats[1] / max(stats[0], 1) if stats else None, **figures})
+            del index
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows_out
+
+
+def projection(rows: list[dict[str, Any]], bandwidth_gbs: float) -> dict[str, Any]:
+    """Scan time at MS MARCO scale from the memory bandwidth, and the retrieval share of a step."""
+    fp32_bytes = MSMARCO_PASSAGES * DIM * 4
+    scan_ms = {"fp32": fp32_bytes / (bandwidth_gbs * 1e9) * 1000, "bf16": fp32_bytes / 2 / (bandwidth_gbs * 1e9) * 1000}
+    out: dict[str, Any] = {"passages": MSMARCO_PASSAGES, "fp32_gb_per_scan": fp32_bytes / 1e9,
+                           "bandwidth_gbs": bandwidth_gbs, "scan_ms": scan_ms,
+                           "original_step_ms_readme": 3600_000 / ORIGINAL_STEPS_PER_HOUR}
+    base = [r for r in rows if r["model"] == "roberta-base size" and "error" not in r]
+    if base:
+        model_ms = statistics.median(r["encode_ms"] + r["loss_backward_ms"] for r in base)
+        out["model_ms_measured"] = model_ms
+        out["retrieval_share"] = {p: s / (s + model_ms) for p, s in scan_ms.items()}
+        out["step_ms"] = {p: s + model_ms for p, s in scan_ms.items()}
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], proj: dict[str, Any]) -> None:
+    head = (f"{'docs':>9} {'backend':7} {'prec':5} {'margin':>6} {'encode ms':>10} {'retrieve ms':>12} "
+            f"{'loss+bwd ms':>12} {'step ms':>9} {'retr %':>7} {'fallback':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lead = f"{r['rows']:>9,} {r['backend']:7} {r['precision']:5} {str(r['margin'] or '-'):>6} "
+        if "error" in r:
+            print(lead + r["error"])
+            continue
+        fallback = "-" if r["fallback_rate"] is None else f"{r['fallback_rate']:.1%}"
+        print(lead + f"{r['encode_ms']:10.1f} {r['retrieve_ms']:12.1f} {r['loss_backward_ms']:12.1f} "
+              f"{r['step_ms']:9.1f} {r['retrieval_share']:7.1%} {fallback:>9}")
+    scan = proj["scan_ms"]
+    print(f"\nprojection, MS MARCO passages ({proj['fp32_gb_per_scan']:.1f} GB fp32 per exact scan) at "
+          f"{proj['bandwidth_gbs']:.0f} GB/s: scan >= {scan['fp32']:.1f} ms fp32, {scan['bf16']:.1f} ms fast (bf16); "
+          f"the original's README step: ~{proj['original_step_ms_readme']:.0f} ms")
+    if "model_ms_measured" in proj:
+        share = proj["retrieval_share"]
+        print(f"measured encode + loss/backward {proj['model_ms_measured']:.1f} ms → step ~{proj['step_ms']['fp32']:.1f}"
+              f" ms fp32 ({share['fp32']:.0%} retrieval), ~{proj['step_ms']['bf16']:.1f} ms fast "
+              f"({share['bf16']:.0%} retrieval)")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help="corpus sizes (default: 5000 200000 on cpu, 1000000 on cuda)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--q_len", type=int, default=24, help="query tokens (ADORE truncates at 64)")
+    p.add_argument("--k", type=int, default=200, help="documents retrieved per query (--neg_topk)")
+    p.add_argument("--margins", type=int, nargs="+", default=None,
+                   help="fast search margins to try (default: K)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: 1 on cpu)")
+    p.add_argument("--bandwidth_gbs", type=float, default=3000.0, help="GPU memory bandwidth of the projection")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adore.json"))
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    args.rows = args.rows or ([5000, 200_000] if args.device == "cpu" else [1_000_000])
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        import faiss
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    rows = run(args)
+    proj = projection(rows, args.bandwidth_gbs)
+    print_table(rows, proj)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "threads": threads or torch.get_num_threads(), "load_average": os.getloadavg()[0],
+           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+    out = Path(args.out)
+    previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    previous[args.device] = {"environment": env, "results": rows, "projection": proj}
+    atomic_write_json(out, previous)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,142 @@
+"""Convert a rank file from offsets back to official MS MARCO ids (spec §3.15).
+
+Reads ``{input_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank[\\tscore]``, as written by star/adore inference)
+and maps every offset through the safe id maps of ``--preprocess_dir`` (never the pickles):
+
+* ``passages_ids.npy``: int64 ``[N]``, the official pid/docid of each passage/document offset;
+* ``{mode}-query_ids.npy``: int64 ``[Nq]``, the official qid of each query offset.
+
+Output (written atomically; an existing file is refused unless ``--overwrite``):
+
+* default: ``{output_dir}/{mode}.rank.tsv``, lines ``qid\\tpid\\trank`` (``D`` + docid with ``--dataset doc``), in
+  the input's line order, the score column kept when the input has one.  Score it with
+  ``python msmarco_eval.py qrels.dev.small.tsv OUT`` (passages) or ``... msmarco-docdev-qrels.tsv OUT doc``;
+* ``--trec``: ``{output_dir}/{mode}.trec``, TREC run lines ``qid Q0 docid rank score tag`` for trec_eval,
+  ir_measures or pyserini; score = the input's score column, else 1/rank (as the original test_trec_eval.py).
+
+Example: ``python cvt_back.py --input_dir data/passage/evaluate/star --preprocess_dir data/passage/preprocess
+--mode dev --output_dir data/passage/evaluate/star/official --dataset passage``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from io_utils import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
+from msmarco_eval import iter_run_lines
+
+MODES = ("train", "dev", "test", "lead")
+DEFAULT_TAG = "System"   # the run tag of the original test_trec_eval.py
+CHUNK_LINES = 65536      # rank-file lines mapped per vectorised step
+
+
+def load_id_map(path: PathLike) -> np.ndarray:
+    """A 1-D integer ``.npy`` id map (offset → official id), loaded without unpickling → int64 array."""
+    require_file(path, "id map")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise InputError(f"not a plain .npy array ({e})", path=path) from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError("expected a 1-D integer array of official ids", path=path,
+                         value=f"{ids.dtype} {ids.shape}")
+    return ids.astype(np.int64, copy=False)
+
+
+def _map_ids(ids: np.ndarray, offsets: list[int], numbers: list[int], what: str, path: PathLike) -> list[int]:
+    """``ids[offsets]`` as Python ints; an offset past the map raises :class:`InputError` naming its line."""
+    offsets_arr = np.asarray(offsets, dtype=np.int64)
+    bad = np.flatnonzero(offsets_arr >= len(ids))
+    if bad.size:
+        raise InputError(f"{what} offset is out of range (the id map has {len(ids)} entries)", path=path,
+                         line=numbers[bad[0]], value=offsets[bad[0]])
+    return ids[offsets_arr].tolist()
+
+
+def _iter_chunks(rank_path: PathLike) -> Iterator[list[tuple[int, int, int, int, Optional[float]]]]:
+    """Lines of an offset rank file in chunks of ``CHUNK_LINES`` ``(line, qoffset, poffset, rank, score)``."""
+    chunk = []
+    for row in iter_run_lines(rank_path, ids="int"):
+        if row[3] is None:
+            raise InputError("expected an offset rank file (qoffset poffset rank [score]), not a TREC run",
+                             path=rank_path, line=row[0])
+        chunk.append(row)
+        if len(chunk) == CHUNK_LINES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.ndarray, doc_ids: np.ndarray,
+                      doc: bool = False, trec: bool = False, tag: str = DEFAULT_TAG) -> int:
+    """Write ``rank_path`` (offsets) to ``out_path`` with official ids, atomically; returns the number of lines.
+
+    Output lines: ``qid\tpid\trank[\tscore]`` or, with ``trec``, ``qid Q0 pid rank score tag`` (score = the
+    input's score, else 1/rank); ``D`` + docid when ``doc``.  Scores are written as Python's shortest exact repr.
+    Raises :class:`InputError` naming the line on a malformed line, an offset outside the id maps, or a
+    TREC-format input (the input must be an offset rank file).
+    """
+    require_file(rank_path, "rank file")
+    prefix = "D" if doc else ""
+    lines = 0
+    with atomic_output(out_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+        for chunk in _iter_chunks(rank_path):
+            numbers, qoffs, poffs, ranks, scores = map(list, zip(*chunk))
+            qids = _map_ids(query_ids, qoffs, numbers, "query", rank_path)
+            pids = _map_ids(doc_ids, poffs, numbers, "passage", rank_path)
+            if trec:
+                scores = [1.0 / r if s is None else s for s, r in zip(scores, ranks)]
+                out.writelines(f"{q} Q0 {prefix}{p} {r} {s!r} {tag}\n" for q, p, r, s in zip(qids, pids, ranks, scores))
+            elif scores[0] is None:
+                out.writelines(f"{q}\t{prefix}{p}\t{r}\n" for q, p, r in zip(qids, pids, ranks))
+            else:
+                out.writelines(f"{q}\t{prefix}{p}\t{r}\t{s!r}\n" for q, p, r, s in zip(qids, pids, ranks, scores))
+            lines += len(chunk)
+        if not lines:
+            raise InputError("no lines in the rank file", path=rank_path)
+    return lines
+
+
+def output_path(output_dir: PathLike, mode: str, trec: bool) -> Path:
+    """``{output_dir}/{mode}.rank.tsv``, or ``{output_dir}/{mode}.trec`` for TREC output."""
+    return Path(output_dir) / (f"{mode}.trec" if trec else f"{mode}.rank.tsv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Map a rank file from offsets to official MS MARCO ids.")
+    parser.add_argument("--input_dir", required=True, help="folder holding {mode}.rank.tsv (offsets)")
+    parser.add_argument("--preprocess_dir", required=True,
+                        help="preprocess output: passages_ids.npy and {mode}-query_ids.npy")
+    parser.add_argument("--mode", required=True, choices=MODES, help="query split")
+    parser.add_argument("--output_dir", required=True, help="where {mode}.rank.tsv (or {mode}.trec) goes")
+    parser.add_argument("--dataset", required=True, choices=("passage", "doc"),
+                        help="doc: document ids get the D prefix")
+    parser.add_argument("--trec", action="store_true",
+                        help="write a TREC run {mode}.trec (qid Q0 docid rank score tag) instead")
+    parser.add_argument("--tag", default=DEFAULT_TAG, help=f"run tag of --trec lines (default {DEFAULT_TAG})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.trec and (not args.tag or any(c.isspace() for c in args.tag)):
+        raise InputError("--tag must be one non-empty token without spaces", value=args.tag)
+    out = output_path(args.output_dir, args.mode, args.trec)
+    refuse_existing(out, args.overwrite)
+    preprocess_dir = Path(args.preprocess_dir)
+    query_ids = load_id_map(preprocess_dir / f"{args.mode}-query_ids.npy")
+    doc_ids = load_id_map(preprocess_dir / "passages_ids.npy")
+    rank_path = Path(args.input_dir) / f"{args.mode}.rank.tsv"
+    lines = convert_rank_file(rank_path, out, query_ids, doc_ids, doc=args.dataset == "doc", trec=args.trec,
+                              tag=args.tag)
+    print(f"wrote {lines} lines to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,442 @@
+"""Static hard negatives for STAR (spec §3.8): rank the corpus for every query of a split, drop the query's
+positives and keep the first ``--topk`` documents in rank order.
+
+Two sources of rankings:
+
+* **the warm-up model** (default, the original): encode ``{mode}-query`` and the corpus with the model in
+  ``--model_dir`` (retrieve_utils: length-sorted batches, resumable corpus encode, memmaps of another model or
+  length refused), exact inner-product top-(topk + 10), written as ``{mode}.rank.tsv``;
+* **an external run file** (``--run_file``, no model): e.g. the official MS MARCO BM25 top-100 run, the negatives
+  of the document warm-up that the original never shipped (DRhard issue #18).  Lines are MS MARCO
+  ``qid pid rank [score]`` or TREC ``qid Q0 docid rank score tag`` with OFFICIAL ids (documents ``D``-prefixed),
+  mapped to offsets with ``passages_ids.npy`` and ``{mode}-query_ids.npy`` of ``--preprocess_dir``; the rank
+  column orders each query's documents.  Lines naming ids the preprocessing does not know are skipped and counted.
+
+Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives.  Every qrels line counts as a positive (the grade
+is ignored, like the original's ``load_rel``).  A query left with fewer than ``topk`` is an error unless
+``--fill_random`` (the default with ``--run_file``, as the original's first version) completes it with distinct
+random non-positive documents drawn from ``np.random.default_rng([seed, qoffset])`` (reproducible per query).
+
+Outputs in ``--output_dir`` (default ``./data/{data_type}/warmup_retrieve``), each written atomically:
+
+* ``hard.npy`` int32 ``[n_queries, topk]`` (negative passage offsets, rank order) and ``hard_qids.npy`` int64
+  ``[n_queries]`` (the query offset of each row: the sorted qoffsets of ``{mode}-qrel.tsv``); read them with
+  ``dataset.load_hardneg``.  ``hard.npy`` is written last, so it never sits beside another run's ``hard_qids.npy``;
+* ``hard.json`` (``--write_json``): the original format ``{"qoffset": [poffset, ...]}``;
+* model source only: ``{mode}-query.memmap``, ``passages.memmap`` (+ manifests) and ``{mode}.rank.tsv``
+  (``qoffset\\tpoffset\\trank``, top topk + 10).
+
+Finally the MS MARCO MRR@10 of the ranking over the qrels queries is printed (msmarco_eval's definition: the sum
+of reciprocal ranks divided by the number of qrels queries).
+
+Example: ``python star/prepare_hardneg.py --data_type passage --max_doc_length 256 --mode train --topk 200``.
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+import retrieve_utils as ru
+from dataset import TokenIdsCache, hardneg_qids_path, load_rel
+from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, iter_lines, parse_int,
+                      refuse_existing, require_file, run_cli)
+from preprocess import IdIndex
+
+logger = logging.getLogger(__name__)
+
+SEARCH_MARGIN = 10   # the original searches topk + 10 to have room for the positives it drops
+FILL_SEED = 1047     # seed of the original's random fill
+MRR_CUTOFF = 10
+CHUNK_ROWS = 65536   # queries per vectorised positive-filtering step (bounds memory on 400k train queries)
+#: run-file column count -> (document id, rank, score) columns: MS MARCO qid pid rank [score]; TREC qid Q0 docid rank
+#: score tag
+RUN_COLUMNS = {3: (1, 2, None), 4: (1, 2, 3), 6: (2, 3, 4)}
+MISSING = -1
+
+
+# ==============================================================================================================
+# Arguments
+# ==============================================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="The search depth is topk + 10 (room for the dropped positives).")
+    parser.add_argument("--data_type", choices=["passage", "doc"], required=True,
+                        help="chooses the default paths and how document ids are read (D prefix)")
+    parser.add_argument("--max_query_length", type=int, default=32, help="query truncation (default %(default)s)")
+    parser.add_argument("--max_doc_length", type=int, default=512,
+                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
+    parser.add_argument("--eval_batch_size", type=int, default=128,
+                        help="encoding batch size per GPU (default %(default)s)")
+    parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], default="train",
+                        help="query split to mine (default train: STAR trains on the train queries; the original "
+                             "README's --mode dev is a bug, DRhard issue #24)")
+    parser.add_argument("--model_dir", help="warm-up encoder (default ./data/{data_type}/warmup)")
+    parser.add_argument("--preprocess_dir", help="preprocessed data (default ./data/{data_type}/preprocess)")
+    parser.add_argument("--output_dir", help="output folder (default ./data/{data_type}/warmup_retrieve)")
+    parser.add_argument("--not_faiss_cuda", action="store_true",
+                        help="search with CPU faiss (default: every GPU faiss sees, as the original)")
+    ru.add_encoding_args(parser)
+    ru.add_search_args(parser, topk=200)
+    source = parser.add_argument_group("external run file (no model)")
+    source.add_argument("--run_file", help="take the rankings from this run instead of the model: MS MARCO "
+                                           "'qid pid rank' or TREC 'qid Q0 docid rank score tag', official ids")
+    source.add_argument("--fill_random", action=argparse.BooleanOptionalAction, default=None,
+                        help="complete queries with fewer than topk negatives with random non-positive documents "
+                             "(default: on with --run_file, off with the model, where a short query is an error)")
+    source.add_argument("--seed", type=int, default=FILL_SEED, help="seed of the random fill (default %(default)s)")
+    parser.add_argument("--write_json", action="store_true",
+                        help="also write hard.json, the original's format {\"qoffset\": [poffset, ...]}")
+    return parser
+
+
+@dataclass
+class Paths:
+    """Input and output locations of one run (defaults under ./data/{data_type})."""
+    preprocess_dir: Path
+    output_dir: Path
+    model_dir: Path
+    hard: Path
+    json: Path
+    rank: Path
+
+
+def resolve_paths(args: argparse.Namespace) -> Paths:
+    data = Path("data") / args.data_type
+    out = Path(args.output_dir or data / "warmup_retrieve")
+    pre = Path(args.preprocess_dir or data / "preprocess")
+    return Paths(pre, out, Path(args.model_dir or data / "warmup"), out / "hard.npy", out / "hard.json",
+                 out / f"{args.mode}.rank.tsv")
+
+
+def output_files(args: argparse.Namespace, paths: Paths) -> list[Path]:
+    files = [paths.hard, hardneg_qids_path(paths.hard)]
+    if args.write_json:
+        files.append(paths.json)
+    if not args.run_file:
+        files.append(paths.rank)
+    return files
+
+
+def faiss_gpus(args: argparse.Namespace) -> list[int]:
+    """``--faiss_gpus``, else every GPU faiss sees, none with ``--not_faiss_cuda``."""
+    if args.not_faiss_cuda:
+        return []
+    return args.faiss_gpus if args.faiss_gpus is not None else list(range(ru.faiss_gpu_count()))
+
+
+# ==============================================================================================================
+# Qrels and candidate rankings
+# ==============================================================================================================
+
+def load_positives(preprocess_dir: Path, mode: str) -> dict[int, list[int]]:
+    """``{qoffset: [poffset, ...]}`` of ``{mode}-qrel.tsv`` (every line a positive); checks the query offsets
+    against the ``{mode}-query`` token memmap."""
+    path = preprocess_dir / f"{mode}-qrel.tsv"
+    if not path.is_file():
+        hint = " (the lead split has no qrels)" if mode == "lead" else ""
+        raise InputError(f"qrels of the {mode} split not found; hard negatives are mined for the queries of the "
+                         f"qrels{hint}", path=path)
+    rel = load_rel(path)
+    if not rel:
+        raise InputError("the qrels file is empty", path=path)
+    n_queries = len(TokenIdsCache(preprocess_dir, f"{mode}-query"))
+    if max(rel) >= n_queries:
+        raise InputError(f"query offset out of range: the {mode} split has {n_queries} queries", path=path,
+                         value=max(rel))
+    return rel
+
+
+def _positive_keys(qoffsets: np.ndarray, rel: dict[int, list[int]]) -> tuple[np.ndarray, int]:
+    """(sorted keys ``q * stride + p`` of every positive pair of ``qoffsets``, stride)."""
+    pos_q = np.concatenate([np.full(len(rel[q]), q, np.int64) for q in qoffsets.tolist()])
+    pos_p = np.concatenate([np.asarray(rel[q], np.int64) for q in qoffsets.tolist()])
+    stride = int(pos_p.max()) + 1
+    return np.unique(pos_q * stride + pos_p), stride
+
+
+def iter_positive_masks(candidates: np.ndarray, qoffsets: np.ndarray,
+                        rel: dict[int, list[int]]) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(rows, is_positive)`` over chunks of ``candidates`` [n, m] (row i ranks query ``qoffsets[i]``,
+    ``MISSING`` = no document): ``is_positive[r, c]`` is True where the document is a positive of its query."""
+    keys, stride = _positive_keys(qoffsets, rel)
+    for r0 in range(0, len(candidates), CHUNK_ROWS):
+        rows = slice(r0, r0 + CHUNK_ROWS)
+        chunk = candidates[rows]
+        in_range = (chunk >= 0) & (chunk < stride)
+        is_pos = np.isin(qoffsets[rows, None] * stride + np.where(in_range, chunk, 0), keys) & in_range
+        yield rows, is_pos
+
+
+def select_negatives(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]],
+                     topk: int) -> np.ndarray:
+    """The first ``topk`` non-positive documents of each row of ``candidates`` in column (rank) order →
+    int64 ``[n, topk]``, ``MISSING`` where a row has fewer."""
+    negs = np.full((len(candidates), topk), MISSING, np.int64)
+    for rows, is_pos in iter_positive_masks(candidates, qoffsets, rel):
+        chunk = candidates[rows]
+        keep = (chunk >= 0) & ~is_pos
+        slot = np.cumsum(keep, axis=1) - 1
+        keep &= slot < topk
+        row_index = np.nonzero(keep)[0]
+        negs[rows][row_index, slot[keep]] = chunk[keep]
+    return negs
+
+
+def mrr_at(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]],
+           cutoff: int = MRR_CUTOFF) -> float:
+    """msmarco_eval's MRR@cutoff: Σ over queries of 1 / (rank of the first positive within ``cutoff``), divided
+    by the number of qrels queries (``len(qoffsets)``; an unranked query counts 0)."""
+    total = 0.0
+    for rows, is_pos in iter_positive_masks(candidates[:, :cutoff], qoffsets, rel):
+        hit = is_pos.any(axis=1)
+        total += float((1.0 / (np.argmax(is_pos[hit], axis=1) + 1)).sum())
+    return total / len(qoffsets)
+
+
+def fill_random(negs: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]], n_docs: int,
+                seed: int) -> tuple[int, int]:
+    """Replace the ``MISSING`` slots of ``negs`` (in place) by distinct random documents that are neither
+    positives nor already in the row, drawn from ``np.random.default_rng([seed, qoffset])``.
+    Returns (queries filled, documents added)."""
+    short = np.flatnonzero((negs == MISSING).any(axis=1))
+    added = 0
+    for row in tqdm(short.tolist(), desc="random fill", unit="query", disable=None):
+        q = int(qoffsets[row])
+        slots = np.flatnonzero(negs[row] == MISSING)
+        excluded = set(rel[q]) | set(negs[row][negs[row] >= 0].tolist())
+        available = n_docs - len({p for p in excluded if p < n_docs})
+        if available < len(slots):
+            raise InputError(f"query offset {q}: the corpus has only {available} documents that are neither its "
+                             f"positives nor already its negatives, {len(slots)} more needed; pass a smaller --topk")
+        rng = np.random.default_rng([seed, q])
+        draw = rng.choice(n_docs, size=min(n_docs, len(slots) + len(excluded)), replace=False)
+        negs[row, slots] = [d for d in draw.tolist() if d not in excluded][: len(slots)]
+        added += len(slots)
+    return len(short), added
+
+
+def complete_negatives(negs: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]], n_docs: int,
+                       fill: bool, seed: int, depth: str) -> None:
+    """Make every row of ``negs`` full: random fill when ``fill``, else an error naming the first short query."""
+    counts = (negs != MISSING).sum(axis=1)
+    short = np.flatnonzero(counts < negs.shape[1])
+    if not short.size:
+        return
+    if not fill:
+        row = int(short[0])
+        raise InputError(f"{short.size} of {len(negs)} queries have fewer than topk={negs.shape[1]} negatives in "
+                         f"{depth} once their positives are dropped (first: query offset {int(qoffsets[row])}, "
+                         f"{int(counts[row])} left); pass a smaller --topk, or --fill_random to complete them "
+                         f"with random documents")
+    queries, added = fill_random(negs, qoffsets, rel, n_docs, seed)
+    logger.warning("random fill (seed %d): %d of %d queries had fewer than %d negatives; added %d random documents",
+                   seed, queries, len(negs), negs.shape[1], added)
+
+
+# ==============================================================================================================
+# External run files
+# ==============================================================================================================
+
+@dataclass
+class RunStats:
+    """Counts of a run file's lines: read, used, and skipped for each reason."""
+    lines: int = 0
+    unknown_query: int = 0
+    unknown_doc: int = 0
+    duplicates: int = 0
+    used: int = 0
+
+
+def load_id_array(path: Path) -> np.ndarray:
+    """A 1-D integer ``.npy`` id map of the preprocessing (never unpickled)."""
+    require_file(path, "id map")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"not a readable .npy array ({e})", path=path) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise InputError("expected a 1-D integer array of official ids", path=path, value=f"{ids.dtype} {ids.shape}")
+    return ids.astype(np.int64)
+
+
+def _parse_doc_id(text: str, doc_ids: bool, path: Path, number: int) -> int:
+    if doc_ids and text.startswith("D"):
+        text = text[1:]
+    return parse_int(text, path, number, "document id" if doc_ids else "passage id")
+
+
+def parse_run(path: Path, doc_ids: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Official ``(qids, docids, ranks)`` int64 arrays of a run file, in line order.
+
+    The format comes from the first line's column count: 3 or 4 → MS MARCO ``qid pid rank [score]``, 6 → TREC
+    ``qid Q0 docid rank score tag``; every line must have that count.  ``doc_ids``: a leading ``D`` of the document
+    id is dropped.  Blank lines are skipped; anything else malformed raises :class:`InputError`.
+    """
+    qids, docs, ranks = array.array("q"), array.array("q"), array.array("q")
+    columns: Optional[int] = None
+    for number, line in tqdm(iter_lines(path, "run file"), desc="read run", unit=" lines", disable=None):
+        fields = line.split()
+        if not fields:
+            continue
+        if columns is None:
+            if len(fields) not in RUN_COLUMNS:
+                raise InputError("expected MS MARCO 'qid pid rank [score]' or TREC 'qid Q0 docid rank score tag' "
+                                 "columns", path=path, line=number, value=line)
+            columns = len(fields)
+            doc_col, rank_col, score_col = RUN_COLUMNS[columns]
+        elif len(fields) != columns:
+            raise InputError(f"expected {columns} columns like the first line", path=path, line=number, value=line)
+        qids.append(parse_int(fields[0], path, number, "query id"))
+        docs.append(_parse_doc_id(fields[doc_col], doc_ids, path, number))
+        ranks.append(parse_int(fields[rank_col], path, number, "rank"))
+        if score_col is not None:
+            _check_score(fields[score_col], path, number)
+    return tuple(np.frombuffer(a, dtype=np.int64) for a in (qids, docs, ranks))
+
+
+def _check_score(text: str, path: Path, number: int) -> None:
+    try:
+        float(text)
+    except ValueError:
+        raise InputError("score is not a number", path=path, line=number, value=text) from None
+
+
+def run_candidates(path: Path, preprocess_dir: Path, mode: str, doc_ids: bool, qoffsets: np.ndarray,
+                   n_docs: int) -> tuple[np.ndarray, RunStats]:
+    """Rankings of a run file for the queries ``qoffsets`` → (int64 ``[n, m]`` poffsets in rank order, ``MISSING``
+    padded, m = the longest ranking; stats).  Ids are mapped with ``passages_ids.npy`` and
+    ``{mode}-query_ids.npy``; lines with unknown ids are skipped, and a document listed twice for a query keeps its
+    best rank (ties: file order)."""
+    doc_map = load_id_array(preprocess_dir / "passages_ids.npy")
+    if len(doc_map) != n_docs:
+        raise InputError(f"passages_ids.npy has {len(doc_map)} ids but the corpus has {n_docs} rows",
+                         path=preprocess_dir / "passages_ids.npy")
+    query_map = load_id_array(preprocess_dir / f"{mode}-query_ids.npy")
+    qids, docids, ranks = parse_run(path, doc_ids)
+    stats = RunStats(lines=len(qids))
+    if not stats.lines:
+        raise InputError("the run file has no lines", path=path)
+    qoff, poff = IdIndex(query_map).lookup(qids), IdIndex(doc_map).lookup(docids)
+    stats.unknown_query = int((qoff < 0).sum())
+    stats.unknown_doc = int(((qoff >= 0) & (poff < 0)).sum())
+    known = (qoff >= 0) & (poff >= 0)
+    qoff, poff, ranks = qoff[known], poff[known], ranks[known]
+    order = np.lexsort((ranks, qoff))  # by query, then rank; stable, so equal ranks keep file order
+    qoff, poff = qoff[order], poff[order]
+    pair = qoff * n_docs + poff
+    _, first = np.unique(pair, return_index=True)
+    unique = np.zeros(len(pair), bool)
+    unique[first] = True
+    stats.duplicates = int(len(pair) - len(first))
+    qoff, poff = qoff[unique], poff[unique]
+    row = np.searchsorted(qoffsets, qoff)
+    in_qrels = (row < len(qoffsets)) & (qoffsets[np.minimum(row, len(qoffsets) - 1)] == qoff)
+    row, poff = row[in_qrels], poff[in_qrels]
+    stats.used = len(row)
+    if not stats.used:
+        raise InputError(f"no line of the run names a query of {mode}-qrel.tsv with a known document "
+                         f"({stats.unknown_query} lines with unknown query ids: another split than --mode {mode}?)",
+                         path=path)
+    group_start = np.searchsorted(row, np.arange(len(qoffsets)))
+    column = np.arange(len(row)) - group_start[row]
+    candidates = np.full((len(qoffsets), int(column.max()) + 1), MISSING, np.int64)
+    candidates[row, column] = poff
+    return candidates, stats
+
+
+def log_run_stats(stats: RunStats, path: Path) -> None:
+    logger.info("%s: %d lines, %d used for the qrels queries", path, stats.lines, stats.used)
+    if stats.unknown_query or stats.unknown_doc:
+        logger.warning("%s: skipped %d lines with a query id and %d with a document id unknown to the preprocessing",
+                       path, stats.unknown_query, stats.unknown_doc)
+    if stats.duplicates:
+        logger.warning("%s: %d lines repeat a document already ranked for the query (kept its best rank)", path,
+                       stats.duplicates)
+
+
+# ==============================================================================================================
+# Model rankings
+# ==============================================================================================================
+
+def model_candidates(args: argparse.Namespace, paths: Paths, qoffsets: np.ndarray) -> np.ndarray:
+    """Encode the queries and the corpus with the warm-up model, search the top topk + 10, write the rank file;
+    return the rankings of ``qoffsets`` (int64 ``[n, topk + 10]``)."""
+    device = ru.inference_device(args.no_cuda)
+    model, model_id, pad = ru.load_encoder(paths.model_dir, allow_pickle=args.allow_pickle)
+    common = dict(batch_size=args.eval_batch_size, device=device, pad_token_id=pad, amp=args.amp,
+                  overwrite=args.overwrite)
+    queries = ru.encode_split(model, model_id, paths.preprocess_dir, f"{args.mode}-query", args.max_query_length,
+                              paths.output_dir / f"{args.mode}-query.memmap", **common)
+    passages = ru.encode_split(model, model_id, paths.preprocess_dir, "passages", args.max_doc_length,
+                               paths.output_dir / "passages.memmap", **common)
+    scores, ids = ru.exact_search(passages, queries, args.topk + SEARCH_MARGIN, gpus=faiss_gpus(args),
+                                  mem_gb=args.search_mem_gb)
+    lines = ru.write_rank_file(paths.rank, np.arange(len(queries)), ids, scores if args.with_scores else None)
+    logger.info("wrote %d lines to %s", lines, paths.rank)
+    return ids[qoffsets]
+
+
+# ==============================================================================================================
+# Outputs and main
+# ==============================================================================================================
+
+def save_hardneg(path: Path, qoffsets: np.ndarray, negs: np.ndarray, json_path: Optional[Path] = None) -> None:
+    """``hard.npy`` int32 + ``hard_qids.npy`` int64 (an old ``hard.npy`` is removed first and the new one written
+    last, so a crash never pairs it with another run's query offsets), and optionally the original ``hard.json``."""
+    path.unlink(missing_ok=True)
+    atomic_save_npy(hardneg_qids_path(path), qoffsets.astype(np.int64))
+    atomic_save_npy(path, negs.astype(np.int32))
+    if json_path is not None:
+        atomic_write_json(json_path, {str(q): row for q, row in zip(qoffsets.tolist(), negs.tolist())})
+
+
+def print_mrr(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]], source: PathLike) -> float:
+    mrr = mrr_at(candidates, qoffsets, rel)
+    print("#####################")
+    print(f"MRR @{MRR_CUTOFF}: {mrr} ({source}, {len(qoffsets)} qrels queries)")
+    print(f"QueriesRanked (of the qrels queries): {int((candidates[:, 0] >= 0).sum())}")
+    print("#####################")
+    return mrr
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.topk < 1:
+        raise InputError("--topk must be at least 1", value=args.topk)
+    if args.mode != "train":
+        logger.warning("mining the %s queries: STAR training needs the train queries' negatives (--mode train; the "
+                       "original README's --mode dev is a bug, DRhard issue #24)", args.mode)
+    paths = resolve_paths(args)
+    for path in output_files(args, paths):
+        refuse_existing(path, args.overwrite)
+    n_docs = len(TokenIdsCache(paths.preprocess_dir, "passages"))
+    rel = load_positives(paths.preprocess_dir, args.mode)
+    qoffsets = np.array(sorted(rel), dtype=np.int64)
+
+    if args.run_file:
+        candidates, stats = run_candidates(Path(args.run_file), paths.preprocess_dir, args.mode,
+                                           args.data_type == "doc", qoffsets, n_docs)
+        log_run_stats(stats, Path(args.run_file))
+        source, depth = args.run_file, "the run file"
+    else:
+        candidates = model_candidates(args, paths, qoffsets)
+        source, depth = paths.rank, f"the top {args.topk + SEARCH_MARGIN}"
+    negs = select_negatives(candidates, qoffsets, rel, args.topk)
+    fill = args.fill_random if args.fill_random is not None else bool(args.run_file)
+    complete_negatives(negs, qoffsets, rel, n_docs, fill, args.seed, depth)
+    save_hardneg(paths.hard, qoffsets, negs, paths.json if args.write_json else None)
+    logger.info("wrote %d x %d hard negatives of the %s queries to %s", *negs.shape, args.mode, paths.hard)
+    print_mrr(candidates, qoffsets, rel, source)
+
+
+if __name__ == "__main__":
+    run_cli(main)
