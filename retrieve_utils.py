@@ -544,7 +544,7 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, gpus: Opti
     embeddings fit the memory budget (:func:`memory_budget_bytes`), else :func:`streamed_search`."""
     gpus = resolve_faiss_gpus(gpus)
     if not gpus and embeddings.nbytes > memory_budget_bytes(mem_gb):
-        logger.info("embeddings (%.1f GiB) exceed the search memory budget: streamed search",
+        logger.info("embeddings (%.3g GiB) exceed the search memory budget: streamed search",
                     embeddings.nbytes / (1 << 30))
         return streamed_search(embeddings, queries, k, mem_gb=mem_gb, batch_size=batch_size, desc=desc)
     return FlatIPIndex(embeddings, gpus).search(queries, k, batch_size=batch_size, desc=desc)

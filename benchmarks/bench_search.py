@@ -11,7 +11,7 @@ child process (so its peak RSS, ``VmHWM``, is its own):
 Reports search seconds, queries/s, peak RSS and checks that both return the same ids.  Goals: streamed peak RSS
 <= 2 GB, streamed throughput >= 0.9 x in-RAM search.
 
-    python benchmarks/bench_search.py [--rows 2000000 --dim 128 --queries 2000 --budget_gb 0.25]
+    python benchmarks/bench_search.py [--rows 2000000 --dim 128 --queries 5000 --budget_gb 0.25 --repeats 2]
 """
 from __future__ import annotations
 
@@ -73,10 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--budget_gb", type=float, default=0.25)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per path; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per path; the fastest is reported")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search.json"))
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
