@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from msmarco_eval import iter_run_lines
 
 MODES = ("train", "dev", "test", "lead")
 DEFAULT_TAG = "System"   # the run tag of the original test_trec_eval.py
-CHUNK_LINES = 65536      # rank-file lines mapped per vectorised step
 
 
 def load_id_map(path: PathLike) -> np.ndarray:
@@ -46,29 +45,12 @@ def load_id_map(path: PathLike) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _map_ids(ids: np.ndarray, offsets: list[int], numbers: list[int], what: str, path: PathLike) -> list[int]:
-    """``ids[offsets]`` as Python ints; an offset past the map raises :class:`InputError` naming its line."""
-    offsets_arr = np.asarray(offsets, dtype=np.int64)
-    bad = np.flatnonzero(offsets_arr >= len(ids))
-    if bad.size:
+def _official(ids: np.ndarray, offset: int, what: str, path: PathLike, line: int) -> int:
+    """``ids[offset]``; an offset past the map raises :class:`InputError` naming the line."""
+    if offset >= len(ids):
         raise InputError(f"{what} offset is out of range (the id map has {len(ids)} entries)", path=path,
-                         line=numbers[bad[0]], value=offsets[bad[0]])
-    return ids[offsets_arr].tolist()
-
-
-def _iter_chunks(rank_path: PathLike) -> Iterator[list[tuple[int, int, int, int, Optional[float]]]]:
-    """Lines of an offset rank file in chunks of ``CHUNK_LINES`` ``(line, qoffset, poffset, rank, score)``."""
-    chunk = []
-    for row in iter_run_lines(rank_path, ids="int"):
-        if row[3] is None:
-            raise InputError("expected an offset rank file (qoffset poffset rank [score]), not a TREC run",
-                             path=rank_path, line=row[0])
-        chunk.append(row)
-        if len(chunk) == CHUNK_LINES:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+                         line=line, value=offset)
+    return int(ids[offset])
 
 
 def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.ndarray, doc_ids: np.ndarray,
@@ -84,18 +66,18 @@ def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.nda
     prefix = "D" if doc else ""
     lines = 0
     with atomic_output(out_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
-        for chunk in _iter_chunks(rank_path):
-            numbers, qoffs, poffs, ranks, scores = map(list, zip(*chunk))
-            qids = _map_ids(query_ids, qoffs, numbers, "query", rank_path)
-            pids = _map_ids(doc_ids, poffs, numbers, "passage", rank_path)
+        for number, qoff, poff, rank, score in iter_run_lines(rank_path, ids="int"):
+            if rank is None:
+                raise InputError("expected an offset rank file (qoffset poffset rank [score]), not a TREC run",
+                                 path=rank_path, line=number)
+            qid = _official(query_ids, qoff, "query", rank_path, number)
+            pid = f"{prefix}{_official(doc_ids, poff, 'passage', rank_path, number)}"
             if trec:
-                scores = [1.0 / r if s is None else s for s, r in zip(scores, ranks)]
-                out.writelines(f"{q} Q0 {prefix}{p} {r} {s!r} {tag}\n" for q, p, r, s in zip(qids, pids, ranks, scores))
-            elif scores[0] is None:
-                out.writelines(f"{q}\t{prefix}{p}\t{r}\n" for q, p, r in zip(qids, pids, ranks))
+                trec_score = score if score is not None else 1.0 / rank
+                out.write(f"{qid} Q0 {pid} {rank} {trec_score!r} {tag}\n")
             else:
-                out.writelines(f"{q}\t{prefix}{p}\t{r}\t{s!r}\n" for q, p, r, s in zip(qids, pids, ranks, scores))
-            lines += len(chunk)
+                out.write(f"{qid}\t{pid}\t{rank}" + ("" if score is None else f"\t{score!r}") + "\n")
+            lines += 1
         if not lines:
             raise InputError("no lines in the rank file", path=rank_path)
     return lines

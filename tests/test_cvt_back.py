@@ -150,3 +150,12 @@ def test_real_dev_qrels_end_to_end(shared_dir, tmp_path):
                    "--output_dir", str(tmp_path / "out"), "--dataset", "passage"])
     result = me.evaluate_files(qrels_path, tmp_path / "out" / "dev.rank.tsv")
     assert result["MRR@10"] == pytest.approx(expected / 6980) and result["QueriesRanked"] == 6980
+
+
+@pytest.mark.parametrize("lines, message", [([], "no lines"), (["0 Q0 1 1 2.5 run"], "not a TREC run"),
+                                            (["0\t1"], "expected 3")])
+def test_bad_rank_files_leave_no_output(offsets, lines, message):
+    write(offsets["input"] / "dev.rank.tsv", lines)
+    with pytest.raises(InputError, match=message):
+        run(offsets)
+    assert not (offsets["out"] / "dev.rank.tsv").exists()
