@@ -701,8 +701,8 @@ class TensorIPIndex:
     ``precision="fast"`` (exact too, certified): a bfloat16 copy of the embeddings (half the bytes of a scan) is
     scored (tensor cores with fp32 accumulation on CUDA; on the CPU the same values computed in fp32, an
     emulation kept for testing), the top ``k + margin`` candidates ``C`` are re-scored with an fp32 matmul
-    (no TF32) against the batch's distinct candidate rows and sorted by (score desc, id asc).  With ``ŝ`` the reduced score,
-    ``s`` the true inner product and ``s̄`` the fp32 re-score, for every row d::
+    (no TF32) against the batch's distinct candidate rows and sorted by (score desc, id asc).  With ``ŝ`` the
+    reduced score, ``s`` the true inner product and ``s̄`` the fp32 re-score, for every row d::
 
         |ŝ − s̄| ≤ E(q) = ‖q‖·R + ‖q − q̃‖·D̃ + γ·(‖q̃‖·D̃ + ‖q‖·D) + u_out·(1 + γ)·‖q̃‖·D̃
 

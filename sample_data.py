@@ -39,8 +39,7 @@ share a family word.  Each task has its own entities (one- or two-word names, na
 * TREC-style test grades: 3 = the exact pair, 2 = same entity and a sibling attribute, 1 = same entity and
   another attribute, 0 = judged non-relevant (same attribute and another entity, or random).
 
-Train, dev, test and eval queries use disjoint (entity, attribute) pairs, and the entities of dev, test and eval
-queries are held out from training (see :func:`split_queries`).  The same seed gives byte-identical
+Every pair has one train query; dev, test and eval queries reword distinct pairs (see :func:`split_queries`).  The same seed gives byte-identical
 files (tokenizer and model weights included); all randomness comes from ``random.Random`` seeded by strings.
 """
 from __future__ import annotations
@@ -61,6 +60,7 @@ DEFAULT_OUT = "data/sample"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3; "<mask>" gets the last id
 MASK_TOKEN = "<mask>"
 VOCAB_SIZE = 3000
+MAX_QID = 1_200_000
 MAX_TOKENS = 512  # longest stored sequence the sample needs (docs are cut there by preprocess)
 
 ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -144,20 +144,17 @@ class TaskSpec:
     per_entity: tuple[int, int]     # items (distinct attributes) per entity, inclusive range
     words: tuple[int, int]          # text length in words (body for documents)
     duplicate_rate: float           # share of (entity, attribute) pairs that get a second item
-    train: int
     dev: int
     lead: int
     test_judged: int = 43
     test_unjudged: int = 17
-    heldout_entities: float = 0.25  # share of entities asked about only by dev, test and lead queries
-    first_qid: int = 1
     id_range: Optional[int] = None  # documents: docids are drawn from 1..id_range
 
 
-PASSAGE = TaskSpec("passage", items=4000, per_entity=(12, 28), words=(15, 40), duplicate_rate=0.08,
-                   train=2000, dev=200, lead=100)
+PASSAGE = TaskSpec("passage", items=3000, per_entity=(12, 28), words=(15, 40), duplicate_rate=0.08,
+                   dev=200, lead=100)
 DOC = TaskSpec("doc", items=2000, per_entity=(10, 22), words=(100, 220), duplicate_rate=0.05,
-               train=1400, dev=200, lead=100, id_range=3_300_000)
+               dev=200, lead=100, id_range=3_300_000)
 
 
 @dataclass(frozen=True)
@@ -350,8 +347,15 @@ class Writer:
             head=name.split()[0].lower(), tld=rng.choice(TLDS), noun=rng.choice(lang.nouns))
         return url, title, body
 
-    def query(self, entity: int, attribute: int) -> str:
-        """A real-looking query: lower case, a synonym drawn uniformly, sometimes a partial name or a quirk."""
+    def query(self, entity: int, attribute: int, avoid: str = "") -> str:
+        """A real-looking query (lower case, a synonym drawn uniformly, sometimes a partial name or a quirk) that
+        differs from ``avoid``."""
+        text = avoid
+        while text.strip(" ?").lower() == avoid.strip(" ?").lower():
+            text = self._query(entity, attribute)
+        return text
+
+    def _query(self, entity: int, attribute: int) -> str:
         rng, lang = self.rng, self.lang
         name = self.names[entity]
         surface = name.split()[0] if " " in name and rng.random() < 0.15 else name
@@ -412,27 +416,28 @@ def make_corpus(rng: random.Random, lang: Language, spec: TaskSpec, used_names: 
 
 
 def split_queries(rng: random.Random, corpus: Corpus, writer: Writer, spec: TaskSpec) -> dict[str, QuerySet]:
-    """Queries for dev, test (judged first, then unjudged), lead and train, one per (entity, attribute) pair.
+    """One train query per (entity, attribute) pair, and dev, test (judged first) and lead queries on distinct pairs.
 
-    A share of the entities is held out: dev, test and lead ask only about them and train never does, so no
-    evaluation positive is ever a training hard negative (with ~20 items per entity it otherwise always would
-    be, and a small model learns to push every non-training positive down).  qids are unique and random.
+    Every item is thus a training positive, and an evaluation query is a new wording (never the same text) of a
+    pair seen in training.  Were evaluation pairs left out of training, their items would only ever be seen as
+    same-entity hard negatives, and a small model trained with hard negatives learns to push exactly those items
+    down.  qids are unique and random.
     """
-    entities = list(range(len(corpus.names)))
-    rng.shuffle(entities)
-    held_out = set(entities[:round(spec.heldout_entities * len(entities))])
     pairs = list(dict.fromkeys(corpus.topics))
     rng.shuffle(pairs)
-    pools = {True: [p for p in pairs if p[0] in held_out], False: [p for p in pairs if p[0] not in held_out]}
-    sizes = {"dev": spec.dev, "test": spec.test_judged + spec.test_unjudged, "lead": spec.lead, "train": spec.train}
-    qids = iter(rng.sample(range(spec.first_qid, 1_200_000), sum(sizes.values())))
-    splits = {}
+    sizes = {"dev": spec.dev, "test": spec.test_judged + spec.test_unjudged, "lead": spec.lead}
+    if sum(sizes.values()) > len(pairs):
+        raise ValueError(f"{spec.name}: {len(pairs)} pairs cannot hold {sum(sizes.values())} evaluation queries")
+    qids = iter(rng.sample(range(1, MAX_QID), len(pairs) + sum(sizes.values())))
+    train = [(next(qids), writer.query(*pair), pair) for pair in pairs]
+    rng.shuffle(train)
+    train_text = {pair: text for _, text, pair in train}
+    splits, start = {"train": QuerySet(tuple(train))}, 0
     for split, size in sizes.items():
-        pool = pools[split != "train"]
-        if size > len(pool):
-            raise ValueError(f"{spec.name}: too few (entity, attribute) pairs for {size} {split} queries")
-        splits[split] = QuerySet(tuple((next(qids), writer.query(*pair), pair) for pair in pool[:size]))
-        del pool[:size]
+        chosen = pairs[start:start + size]
+        start += size
+        splits[split] = QuerySet(tuple((next(qids), writer.query(*pair, avoid=train_text[pair]), pair)
+                                       for pair in chosen))
     return splits
 
 

@@ -97,8 +97,14 @@ time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks and shows each default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and shows each meaningful default (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.const is None:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,8 +19,9 @@ could not settle (searched again in fp32).
 
 Projection: an exact scan of MS MARCO passages reads 8.84M x 768 x 4 B = 27.2 GB per step (13.6 GB in bf16);
 at --bandwidth_gbs (default 3000, an H100-class GPU) that is the floor of the retrieval time per step.  It is
-compared with the encode + loss/backward time measured for the roberta-base-size encoder (--device cuda; absent
-from a CPU-only run) and with the original's README figure (one epoch of 15,717 steps in about an hour).
+compared with the encode + loss/backward time measured for the roberta-base-size encoder (--device cuda; a CPU-only
+run uses a FLOP estimate at --gpu_tflops) and with the original's README figure (one epoch of 15,717 steps in
+about an hour).
 
 Prints a table and writes ``benchmarks/results/adore.json`` (under the key ``cpu`` or ``cuda``; the other key is
 kept).  Timings are medians over --steps steps after --warmup steps.  On a busy small CPU use --threads 1 (the
@@ -52,6 +53,7 @@ BASE_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
 MSMARCO_PASSAGES = 8_841_823
 ORIGINAL_STEPS_PER_HOUR = 15_717  # README: one epoch (502,939 queries / 32) "only costs 1 hour"
 DIM = 768
+ROBERTA_BASE_NON_EMBEDDING_PARAMS = 85_000_000  # 12 layers x 7.1M (+ the 0.6M head)
 
 
 def build_model(size: dict[str, int], device: torch.device) -> DenseEncoder:
@@ -150,19 +152,29 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows_out
 
 
-def projection(rows: list[dict[str, Any]], bandwidth_gbs: float) -> dict[str, Any]:
-    """Scan time at MS MARCO scale from the memory bandwidth, and the retrieval share of a step."""
+def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Scan time at MS MARCO scale from the memory bandwidth, and the retrieval share of a step.
+
+    The encoder's time per step is the roberta-base-size measurement when this run has one (``--device cuda``),
+    else an estimate: 6 · 85M non-embedding parameters · batch · q_len tokens FLOPs at --gpu_tflops (fp32
+    training, no TF32)."""
     fp32_bytes = MSMARCO_PASSAGES * DIM * 4
-    scan_ms = {"fp32": fp32_bytes / (bandwidth_gbs * 1e9) * 1000, "bf16": fp32_bytes / 2 / (bandwidth_gbs * 1e9) * 1000}
+    bandwidth = args.bandwidth_gbs * 1e9
+    scan_ms = {"fp32": fp32_bytes / bandwidth * 1000, "bf16": fp32_bytes / 2 / bandwidth * 1000}
     out: dict[str, Any] = {"passages": MSMARCO_PASSAGES, "fp32_gb_per_scan": fp32_bytes / 1e9,
-                           "bandwidth_gbs": bandwidth_gbs, "scan_ms": scan_ms,
+                           "bandwidth_gbs": args.bandwidth_gbs, "scan_ms": scan_ms,
                            "original_step_ms_readme": 3600_000 / ORIGINAL_STEPS_PER_HOUR}
     base = [r for r in rows if r["model"] == "roberta-base size" and "error" not in r]
     if base:
-        model_ms = statistics.median(r["encode_ms"] + r["loss_backward_ms"] for r in base)
-        out["model_ms_measured"] = model_ms
-        out["retrieval_share"] = {p: s / (s + model_ms) for p, s in scan_ms.items()}
-        out["step_ms"] = {p: s + model_ms for p, s in scan_ms.items()}
+        out["model_ms"] = statistics.median(r["encode_ms"] + r["loss_backward_ms"] for r in base)
+        out["model_ms_source"] = "measured (roberta-base size, this run)"
+    else:
+        flops = 6 * ROBERTA_BASE_NON_EMBEDDING_PARAMS * args.batch * args.q_len
+        out["model_ms"] = flops / (args.gpu_tflops * 1e12) * 1000
+        out["model_ms_source"] = f"estimated: 6 x 85M params x {args.batch} x {args.q_len} tokens at " \
+                                 f"{args.gpu_tflops:g} TFLOP/s"
+    out["step_ms"] = {p: s + out["model_ms"] for p, s in scan_ms.items()}
+    out["retrieval_share"] = {p: s / out["step_ms"][p] for p, s in scan_ms.items()}
     return out
 
 
@@ -183,11 +195,9 @@ def print_table(rows: list[dict[str, Any]], proj: dict[str, Any]) -> None:
     print(f"\nprojection, MS MARCO passages ({proj['fp32_gb_per_scan']:.1f} GB fp32 per exact scan) at "
           f"{proj['bandwidth_gbs']:.0f} GB/s: scan >= {scan['fp32']:.1f} ms fp32, {scan['bf16']:.1f} ms fast (bf16); "
           f"the original's README step: ~{proj['original_step_ms_readme']:.0f} ms")
-    if "model_ms_measured" in proj:
-        share = proj["retrieval_share"]
-        print(f"measured encode + loss/backward {proj['model_ms_measured']:.1f} ms → step ~{proj['step_ms']['fp32']:.1f}"
-              f" ms fp32 ({share['fp32']:.0%} retrieval), ~{proj['step_ms']['bf16']:.1f} ms fast "
-              f"({share['bf16']:.0%} retrieval)")
+    share, step = proj["retrieval_share"], proj["step_ms"]
+    print(f"encode + loss/backward {proj['model_ms']:.1f} ms ({proj['model_ms_source']}) → step ~{step['fp32']:.1f} "
+          f"ms fp32 ({share['fp32']:.0%} retrieval), ~{step['bf16']:.1f} ms fast ({share['bf16']:.0%} retrieval)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -204,6 +214,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: 1 on cpu)")
     p.add_argument("--bandwidth_gbs", type=float, default=3000.0, help="GPU memory bandwidth of the projection")
+    p.add_argument("--gpu_tflops", type=float, default=30.0,
+                   help="effective fp32 training TFLOP/s of the projection's encoder estimate (CPU-only runs)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adore.json"))
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -216,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
     rows = run(args)
-    proj = projection(rows, args.bandwidth_gbs)
+    proj = projection(rows, args)
     print_table(rows, proj)
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpus": os.cpu_count(), "threads": threads or torch.get_num_threads(), "load_average": os.getloadavg()[0],

@@ -16,6 +16,7 @@ import torch
 import retrieve_utils as ru
 from adore import train as adore_train
 from io_utils import InputError, run_cli
+from losses import adore_batch_loss
 
 N_DOCS, N_QUERIES, VOCAB, DIM = 60, 12, 50, 16
 
@@ -155,8 +156,8 @@ def test_retrieve_label_score_and_loss_on_hand_built_embeddings(backend):
     assert scores[0].tolist() == [6, 5, 4, 2] and scores[1, :3].tolist() == [10, 6, 4]
 
     settings = adore_train.LossSettings(k=3, append="none_retrieved", metric_cut=2, divisor=8.0)
-    loss = adore_train.adore_batch_loss(scores, torch.from_numpy(c.labels), settings.metric_cut, settings.divisor,
-                                        torch.from_numpy(c.lengths))
+    loss = adore_batch_loss(scores, torch.from_numpy(c.labels), settings.metric_cut, settings.divisor,
+                            torch.from_numpy(c.lengths))
     # §5.4 with loops: a_r = 1/r for r <= 2 else 0; per query mean over (pos, neg) pairs; sum / divisor
     expected = 0.0
     for row in range(2):

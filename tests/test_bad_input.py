@@ -1,0 +1,231 @@
+"""Bad input through the real CLIs (subprocess): exit status 2, exactly one ``error:`` line naming the file
+(and line / value where there is one), no traceback, and pre-existing outputs left intact.
+
+Module-level cases already covered in-process elsewhere (not repeated here): tests/test_preprocess.py
+``test_bad_input_names_file_line_value_and_writes_nothing`` (15 cases), tests/test_msmarco_eval.py
+``test_candidate_errors_name_file_line_and_value`` / ``test_reference_errors``, tests/test_cvt_back.py
+``test_bad_rank_files_leave_no_output`` / ``test_offset_out_of_range_names_line_and_value``, tests/test_inference.py
+``test_adore_inference_rejects_a_doc_memmap_of_another_dim``.
+"""
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_preprocess import TINY, bert_dir, write_files  # noqa: F401  (bert_dir is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def tree_hash(folder: Path) -> dict:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(args: list, fsize=None) -> subprocess.CompletedProcess:
+    preexec = None
+    if fsize is not None:
+        preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))  # noqa: E731
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120, preexec_fn=preexec)
+
+
+def assert_one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+# -- preprocess.py ------------------------------------------------------------------------------------------
+
+def _with(name, content):
+    return lambda files: files.__setitem__(name, content)
+
+
+PREPROCESS_CASES = {
+    "collection wrong column count": (_with("collection.tsv", b"7\tHello world\n3\n"), "collection.tsv:2"),
+    "collection non-integer id": (_with("collection.tsv", b"7\tHello\nnine\tdog\n"), "collection.tsv:2", "nine"),
+    "collection negative id": (_with("collection.tsv", b"7\tHello\n-3\tdog\n"), "collection.tsv:2", "-3"),
+    "collection duplicate id": (_with("collection.tsv", b"7\tHello\n3\tcat\n7\tdog\n0\tx\n10\ty\n"),
+                                "collection.tsv:3", "7"),
+    "collection not UTF-8": (_with("collection.tsv", b"7\tHello\n3\tcaf\xe9\n"), "collection.tsv:2"),
+    "empty collection": (_with("collection.tsv", b""), "collection.tsv"),
+    "qrels unknown passage": (_with("qrels.train.tsv", b"2 0 3 1\n2 0 99 0\n"), "qrels.train.tsv:2", "99"),
+    "qrels unknown query": (_with("qrels.train.tsv", b"2 0 3 1\n8 0 3 1\n"), "qrels.train.tsv:2", "8"),
+    "queries non-integer id": (_with("queries.train.tsv", b"1\thello\nx2\tthe cat\n"), "queries.train.tsv:2",
+                               "x2"),
+    "missing collection": (lambda files: files.pop("collection.tsv"), "collection.tsv"),
+}
+
+
+def preprocess_args(bert_dir, data, out, *extra):
+    return ["preprocess.py", "--model_name_or_path", bert_dir, "--data_dir", data, "--out_dir", out,
+            "--max_seq_length", "6", "--threads", "1", *extra]
+
+
+@pytest.mark.parametrize("case", list(PREPROCESS_CASES))
+def test_preprocess_bad_input(tmp_path, bert_dir, case):
+    edit, *needles = PREPROCESS_CASES[case]
+    files = dict(TINY)
+    edit(files)
+    data = write_files(tmp_path / "dataset", files)
+    before = tree_hash(data)
+    out = tmp_path / "out"
+    assert_one_error(run_cli(preprocess_args(bert_dir, data, out)), *needles)
+    assert tree_hash(data) == before
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_preprocess_wrong_data_type_is_a_usage_error(tmp_path, bert_dir):
+    data = write_files(tmp_path / "dataset", TINY)
+    assert_one_error(run_cli(preprocess_args(bert_dir, data, tmp_path / "out", "--data_type", "7")),
+                     "--data_type")
+
+
+def test_preprocess_existing_output_is_refused_and_kept(tmp_path, bert_dir):
+    data = write_files(tmp_path / "dataset", TINY)
+    out = tmp_path / "out"
+    assert run_cli(preprocess_args(bert_dir, data, out)).returncode == 0
+    (out / "dev-qrel.tsv").write_text("precious")
+    before = tree_hash(out)
+    assert_one_error(run_cli(preprocess_args(bert_dir, data, out)), "already exists", "--overwrite")
+    assert tree_hash(out) == before
+
+
+def test_preprocess_unwritable_output_location(tmp_path, bert_dir):
+    data = write_files(tmp_path / "dataset", TINY)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_one_error(run_cli(preprocess_args(bert_dir, data, blocker / "out")), str(blocker))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_preprocess_full_disk_leaves_no_partial_output(tmp_path, bert_dir):
+    data = write_files(tmp_path / "dataset", TINY)
+    out = tmp_path / "out"
+    result = run_cli(preprocess_args(bert_dir, data, out), fsize=40)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    leftovers = [p.name for p in out.rglob("*")] if out.exists() else []
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf"])
+def test_preprocess_accepts_bom_and_crlf(tmp_path, bert_dir, variant):
+    """A UTF-8 BOM and CRLF line ends are accepted and give exactly the outputs of the clean files."""
+    clean = {k: v.replace(b"\r\n", b"\n") for k, v in TINY.items()}
+    if variant == "bom":
+        dirty = {k: b"\xef\xbb\xbf" + v for k, v in clean.items()}
+    else:
+        dirty = {k: v.replace(b"\n", b"\r\n") for k, v in clean.items()}
+    outs = []
+    for name, files in (("clean", clean), ("dirty", dirty)):
+        data = write_files(tmp_path / name, files)
+        out = tmp_path / f"{name}-out"
+        result = run_cli(preprocess_args(bert_dir, data, out))
+        assert result.returncode == 0, result.stderr
+        outs.append(tree_hash(out))
+    assert outs[0] == outs[1] and outs[0]
+
+
+# -- msmarco_eval.py ----------------------------------------------------------------------------------------
+
+EVAL_CASES = {
+    "duplicate rank": (["1\t10\t1", "1\t11\t1"], "c.tsv:2"),
+    "rank past eval depth": (["1\t10\t1", "1\t11\t1001"], "c.tsv:2", "1001"),
+    "non-integer rank": (["1\t10\tfirst"], "c.tsv:1", "first"),
+    "negative doc id": (["1\t-10\t1"], "c.tsv:1"),
+    "wrong column count": (["1\t10"], "c.tsv:1"),
+    "candidate not UTF-8": ([b"1\t1\xff0\t1"], "c.tsv:1"),
+}
+
+
+def _write_lines(path: Path, lines) -> Path:
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_msmarco_eval_bad_candidate(tmp_path, case):
+    lines, *needles = EVAL_CASES[case]
+    ref = _write_lines(tmp_path / "q.tsv", ["1\t0\t10\t1"])
+    cand = _write_lines(tmp_path / "c.tsv", lines)
+    assert_one_error(run_cli(["msmarco_eval.py", ref, cand]), *needles)
+
+
+def test_msmarco_eval_missing_reference(tmp_path):
+    cand = _write_lines(tmp_path / "c.tsv", ["1\t10\t1"])
+    assert_one_error(run_cli(["msmarco_eval.py", tmp_path / "nope.tsv", cand]), "nope.tsv")
+
+
+def test_msmarco_eval_accepts_bom_crlf(tmp_path):
+    ref = tmp_path / "q.tsv"
+    ref.write_bytes(b"\xef\xbb\xbf1\t0\t10\t1\r\n2\t0\t20\t1\r\n")
+    cand = tmp_path / "c.tsv"
+    cand.write_bytes(b"\xef\xbb\xbf1\t10\t1\r\n2\t21\t1\r\n2\t20\t2\r\n")
+    result = run_cli(["msmarco_eval.py", ref, cand])
+    assert result.returncode == 0, result.stderr
+    assert "0.75" in result.stdout  # (1 + 1/2) / 2
+
+
+# -- cvt_back.py --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def offsets(tmp_path):
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    np.save(pre / "passages_ids.npy", np.array([100, 200, 300], np.int64))
+    np.save(pre / "dev-query_ids.npy", np.array([7, 8], np.int64))
+    evaluate = tmp_path / "eval"
+    evaluate.mkdir()
+    return pre, evaluate, tmp_path / "official"
+
+
+def cvt_args(pre, evaluate, out, mode="dev", *extra):
+    return ["cvt_back.py", "--input_dir", evaluate, "--preprocess_dir", pre, "--mode", mode, "--output_dir", out,
+            "--dataset", "passage", *extra]
+
+
+CVT_CASES = {
+    "passage offset out of range": (["0\t5\t1"], "dev.rank.tsv:1", "5"),
+    "query offset out of range": (["0\t1\t1", "9\t1\t1"], "dev.rank.tsv:2", "9"),
+    "negative offset": (["0\t-1\t1"], "dev.rank.tsv:1"),
+    "non-integer rank": (["0\t1\tone"], "dev.rank.tsv:1", "one"),
+}
+
+
+@pytest.mark.parametrize("case", list(CVT_CASES))
+def test_cvt_back_bad_rank_file(offsets, case):
+    pre, evaluate, out = offsets
+    lines, *needles = CVT_CASES[case]
+    _write_lines(evaluate / "dev.rank.tsv", lines)
+    assert_one_error(run_cli(cvt_args(pre, evaluate, out)), *needles)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cvt_back_wrong_mode_and_missing_rank_file(offsets):
+    pre, evaluate, out = offsets
+    assert_one_error(run_cli(cvt_args(pre, evaluate, out, "valid")), "--mode")
+    assert_one_error(run_cli(cvt_args(pre, evaluate, out)), "dev.rank.tsv")
+
+
+def test_cvt_back_existing_output_refused_and_kept(offsets):
+    pre, evaluate, out = offsets
+    _write_lines(evaluate / "dev.rank.tsv", ["0\t1\t1", "1\t2\t1"])
+    assert run_cli(cvt_args(pre, evaluate, out)).returncode == 0
+    before = tree_hash(out)
+    assert before
+    assert_one_error(run_cli(cvt_args(pre, evaluate, out)), "--overwrite")
+    assert tree_hash(out) == before
