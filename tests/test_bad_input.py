@@ -229,3 +229,47 @@ def test_cvt_back_existing_output_refused_and_kept(offsets):
     assert before
     assert_one_error(run_cli(cvt_args(pre, evaluate, out)), "--overwrite")
     assert tree_hash(out) == before
+
+
+# -- safe loading -------------------------------------------------------------------------------------------
+
+SAFE_RUN = r"""
+import pickle, sys, torch
+def refuse(*a, **k):
+    raise AssertionError("something was unpickled")
+pickle.load = pickle.loads = refuse
+real_torch_load = torch.load
+def guarded_torch_load(*a, weights_only=None, **k):
+    if weights_only is not True:
+        raise AssertionError("torch.load without weights_only=True")
+    return real_torch_load(*a, weights_only=True, **k)
+torch.load = guarded_torch_load
+import preprocess, msmarco_eval, cvt_back
+import star.inference
+data, tok, model, root = sys.argv[1:5]
+preprocess.main(["--model_name_or_path", tok, "--data_dir", data, "--out_dir", root + "/pre",
+                 "--max_seq_length", "6", "--threads", "1"])
+star.inference.main(["--data_type", "passage", "--mode", "dev", "--model_dir", model, "--preprocess_dir",
+                     root + "/pre", "--output_dir", root + "/eval", "--max_doc_length", "6",
+                     "--max_query_length", "6", "--no_cuda", "--topk", "3"])
+msmarco_eval.main([root + "/pre/dev-qrel.tsv", root + "/eval/dev.rank.tsv"])
+cvt_back.main(["--input_dir", root + "/eval", "--preprocess_dir", root + "/pre", "--mode", "dev",
+               "--output_dir", root + "/official", "--dataset", "passage"])
+print("SAFE-RUN-OK")
+"""
+
+
+def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
+    """preprocess → star inference → msmarco_eval → cvt_back with pickle.load/loads and any torch.load that is
+    not weights_only=True made to fail: the project reads no pickle by default (the compat *.pickle files that
+    preprocess writes are never read)."""
+    from test_retrieve_utils import tiny_encoder
+
+    data = write_files(tmp_path / "dataset", TINY)
+    tiny_encoder(0, out_dim=8).save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-c", SAFE_RUN, str(data), str(bert_dir), str(tmp_path / "model"),
+                             str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SAFE-RUN-OK" in result.stdout
+    assert (tmp_path / "official" / "dev.rank.tsv").is_file()
+    assert (tmp_path / "pre" / "pid2offset.pickle").is_file()  # written for compatibility, never read

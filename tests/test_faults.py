@@ -14,19 +14,23 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fault_helpers import ENV, REPO, hardneg_args, make_encoder_inputs, run, star_inference_args, tree_hash
+from test_star_train import cli_args, load_weights, make_data
 from test_preprocess import BERT_VOCAB, bert_dir, write_files  # noqa: F401  (bert_dir is a fixture)
 
 SEEDS = [0, 1]
 
 
 def kill_at(args: list, delay: float) -> None:
+    """Start the CLI, SIGKILL it after ``delay`` seconds; fail if it had already finished (no fault injected)."""
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(delay)
+    assert proc.poll() is None, "the run finished before the kill: make the input larger"
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
 def assert_nothing_half_written(out: Path, reference: dict) -> None:
@@ -53,7 +57,7 @@ def crash_and_resume(tmp_path: Path, make_args, seed: int, reference_runs: dict)
         reference_runs[key] = (tree_hash(ref_out), time.monotonic() - start)
     reference, duration = reference_runs[key]
     out = tmp_path / "out"
-    kill_at(make_args(out), random.Random(seed).uniform(0.3, 1.0) * duration)
+    kill_at(make_args(out), random.Random(seed).uniform(0.3, 0.8) * duration)
     assert_nothing_half_written(out, reference)
     run(make_args(out) + ["--overwrite"])
     assert tree_hash(out) == reference
@@ -81,7 +85,7 @@ def reference_runs():
     return {}
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS[:1])
 def test_preprocess_killed_and_rerun_gives_identical_files(tmp_path, preprocess_data, reference_runs, seed):
     data, tokenizer = preprocess_data
 
@@ -113,3 +117,29 @@ def test_prepare_hardneg_killed_and_resumed_gives_identical_files(tmp_path, enco
         return hardneg_args(encoder_inputs, out)
 
     crash_and_resume(tmp_path, prepare_hardneg, seed, reference_runs)
+
+
+# -- STAR training (star/train.py): rerun with --resume ---------------------------------------------------------
+
+def test_star_train_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """CPU, fixed seed, dropout on, a checkpoint every step: kill, rerun with --resume, same final parameters."""
+    data = make_data(tmp_path / "data")
+
+    def train(out):
+        return ["-m", "star.train", *cli_args(data, out, "star", "--max_steps", "12", "--save_steps", "1",
+                                                "--warmup_steps", "4", "--seed", "7")]
+
+    start = time.monotonic()
+    run(train(tmp_path / "straight"))
+    duration = time.monotonic() - start
+    out = tmp_path / "resumed"
+    kill_at(train(out), random.Random(5).uniform(0.5, 0.85) * duration)
+    for folder in out.glob("checkpoint-*"):  # a checkpoint folder under its final name is complete
+        assert (folder / "model.safetensors").is_file() and ".tmp" not in folder.name
+    if (out / "model.safetensors").exists():  # the final model is renamed into place only when complete
+        assert load_weights(out).keys() == load_weights(tmp_path / "straight").keys()
+    run(train(out) + ["--resume"])
+    straight, resumed = load_weights(tmp_path / "straight"), load_weights(out)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
