@@ -1,92 +1,329 @@
 #!/usr/bin/env bash
-# The paper's pipeline, one readable step per stage; a stage whose ".done" marker exists is skipped, so a rerun
-# resumes after the last finished stage.
+# Reproduce STAR and ADORE end to end (Zhan et al., SIGIR 2021), one stage after the other:
 #
-#   bash reproduce.sh sample      # the bundled sample (default): generated offline, runs on a laptop CPU
+#   preprocess -> warm-up -> Inbatch-Neg, Rand-Neg -> mine hard negatives -> STAR -> encode + rank
+#   -> ADORE on each of Inbatch-Neg / Rand-Neg / STAR -> ADORE inference -> evaluation, table, curves
 #
-# Knobs (environment): ROOT (default data/sample), EPOCHS (warm-up/baseline/STAR epochs, default 3),
-# ADORE_EPOCHS (default 1), BATCH (default 64), MAX_STEPS (cap per training, default -1 = no cap).
+# Usage:  bash reproduce.sh [TASK]        TASK = sample (default) | sample-doc | passage | doc
+#
+#   sample      the bundled passage sample (generated offline by `python -m sample_data`), small settings:
+#               about 5 minutes on a 2-core CPU.
+#   sample-doc  the bundled document sample; the warm-up learns from the sample's BM25 train run, as the real
+#               doc warm-up does from msmarco-doctrain-top100.
+#   passage     MS MARCO passage (bash download_data.sh passage first; put the ANCE warm-up checkpoint in
+#               data/passage/warmup).  The paper's settings.  Needs a GPU (README: time, memory, disk).
+#   doc         MS MARCO documents (bash download_data.sh doc); the warm-up starts from a STAR passage
+#               model (WARMUP_INIT) trained on the official BM25 top-100 negatives (DRhard issue #18).
+#
+# Every stage prints a banner and its wall time, and writes ROOT/.done/STAGE when it succeeded; a later run
+# skips finished stages (delete the marker, or the whole ROOT/.done, to redo them after changing a setting).
+# An interrupted training resumes from its last checkpoint.  ROOT is DATA/sample/passage, DATA/sample/doc,
+# DATA/passage or DATA/doc.
+#
+# Environment knobs (defaults: sample | real tasks):
+#   DATA=data               where the data and every output go
+#   PYTHON=python           interpreter (of the environment the project is installed in)
+#   DEVICE=auto             auto: CUDA when available; cpu: force the CPU (--no_cuda everywhere)
+#   THREADS=1 | (unset)     torch/OpenMP/MKL threads.  One thread on the small CPU sample: OpenMP threads that
+#                           spin-wait on a busy 2-core machine made training ~10x slower
+#   FAISS_GPUS=             GPU ids for faiss search/mining, e.g. "0 1 2" (sharded); empty: CPU faiss
+#   FP16=1 on CUDA          STAR-type training with fp16 autocast + gradient checkpointing (real tasks)
+#   STEPS=300 | 50000       optimizer steps of Inbatch-Neg, Rand-Neg and STAR (real: the 100-epoch schedule is
+#                           kept and the run stops at STEPS, as the authors stopped theirs around 50k)
+#   BATCH=64 | 256          their batch size;  LR=1e-3 | 1e-4 (Lamb);  LR_WARMUP=10 | 1000 steps
+#   SAVE_STEPS=60 | 5000    checkpoint interval (also the points of the dev-MRR curves)
+#   WARMUP_TRAIN_STEPS=132 | doc: 10000 steps of the warm-up training (sample: in-batch negatives from the
+#                           random init, AdamW 1e-3; doc: STAR loss with BM25 negatives)
+#   WARMUP_INIT=            doc warm-up initialisation (doc: data/passage/train/star; sample-doc: the init model)
+#   BASELINE_INIT=          initialisation of Inbatch-Neg and Rand-Neg (default: the warm-up model)
+#   TOPK=20 | 200           hard negatives mined per training query
+#   ADORE_EPOCHS=2 | 6      ADORE epochs (the original default is 6; its README: one epoch already helps)
+#   ADORE_STEPS=0           if > 0: ADORE optimizer steps (overrides the epochs)
+#   ADORE_LR=1e-4 | 5e-6    ADORE_BATCH=32    ADORE_WARMUP=10 | 2000    ADORE_SAVE_STEPS=35 | (epoch ends)
+#   METRIC_CUT=200 | doc: 10   ADORE's depth cut (passage: README; doc: not published, JPQ's value)
+#   CURVES=all | adore      which checkpoints results_table.py evaluates on dev for the curves (none: skip)
+#   SAMPLE_SEED=13          seed of the generated sample
 set -euo pipefail
+cd "$(dirname "$0")"
 
 TASK=${1:-sample}
-if [[ "$TASK" != sample ]]; then
-    echo "reproduce.sh: only the 'sample' task is scripted so far; see README.md for the MS MARCO commands" >&2
-    exit 2
+case $TASK in
+  sample|sample-doc|passage|doc) ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: bash reproduce.sh [sample|sample-doc|passage|doc]" >&2; exit 2 ;;
+esac
+
+# ------------------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------------------
+DATA=${DATA:-data}
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-auto}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+
+case $TASK in
+  sample|sample-doc) SAMPLE=1; ROOT=$DATA/sample/${TASK#sample-}; [[ $TASK == sample ]] && ROOT=$DATA/sample/passage ;;
+  *) SAMPLE=0; ROOT=$DATA/$TASK ;;
+esac
+case $TASK in
+  sample|passage) KIND=passage ;;
+  *) KIND=doc ;;
+esac
+
+if [[ $SAMPLE == 1 ]]; then
+  THREADS=${THREADS-1}
+  STEPS=${STEPS:-300}; BATCH=${BATCH:-64}; LR=${LR:-1e-3}; LR_WARMUP=${LR_WARMUP:-10}; SAVE_STEPS=${SAVE_STEPS:-60}
+  WARMUP_TRAIN_STEPS=${WARMUP_TRAIN_STEPS:-132}; WARMUP_LR=${WARMUP_LR:-1e-3}
+  WARMUP_INIT=${WARMUP_INIT:-$DATA/sample/init_model}
+  TOPK=${TOPK:-20}
+  ADORE_EPOCHS=${ADORE_EPOCHS:-2}; ADORE_LR=${ADORE_LR:-1e-4}; ADORE_WARMUP=${ADORE_WARMUP:-10}
+  ADORE_SAVE_STEPS=${ADORE_SAVE_STEPS:-35}
+  CURVES=${CURVES:-all}
+  TOKENIZER=$DATA/sample/tokenizer
+else
+  THREADS=${THREADS-}
+  STEPS=${STEPS:-50000}; BATCH=${BATCH:-256}; LR=${LR:-1e-4}; LR_WARMUP=${LR_WARMUP:-1000}; SAVE_STEPS=${SAVE_STEPS:-5000}
+  WARMUP_TRAIN_STEPS=${WARMUP_TRAIN_STEPS:-10000}; WARMUP_LR=${WARMUP_LR:-1e-4}
+  WARMUP_INIT=${WARMUP_INIT:-$DATA/passage/train/star}
+  TOPK=${TOPK:-200}
+  ADORE_EPOCHS=${ADORE_EPOCHS:-6}; ADORE_LR=${ADORE_LR:-5e-6}; ADORE_WARMUP=${ADORE_WARMUP:-2000}
+  ADORE_SAVE_STEPS=${ADORE_SAVE_STEPS:-}
+  CURVES=${CURVES:-adore}
+  TOKENIZER=${TOKENIZER:-$DATA/roberta-base}
+fi
+ADORE_BATCH=${ADORE_BATCH:-32}
+ADORE_STEPS=${ADORE_STEPS:-0}
+BASELINE_INIT=${BASELINE_INIT:-}
+if [[ $KIND == passage ]]; then
+  METRIC_CUT=${METRIC_CUT:-200}; DOC_LEN=256; TRAIN_DOC_LEN=120; MRR_CUT=10
+else
+  METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=512; TRAIN_DOC_LEN=512; MRR_CUT=100
 fi
 
-ROOT=${ROOT:-data/sample}
-EPOCHS=${EPOCHS:-3}
-ADORE_EPOCHS=${ADORE_EPOCHS:-1}
-BATCH=${BATCH:-64}
-MAX_STEPS=${MAX_STEPS:--1}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
+if [[ -n $THREADS ]]; then
+  export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+fi
 
-P=$ROOT/passage
-PRE=$P/preprocess
-RUNS=$P/runs
-EVAL=$P/evaluate
-QLEN=16
-DLEN=64
+PRE=$ROOT/preprocess
+WARMUP=$ROOT/warmup
+MINED=$ROOT/warmup_retrieve
+DONE=$ROOT/.done
 
-stage() {  # stage NAME COMMAND...: run once, then mark done
-    local name=$1; shift
-    local marker=$RUNS/.done-$name
-    if [[ -f $marker ]]; then echo "== $name: done, skipped"; return; fi
-    echo "== $name"
-    local t0=$SECONDS
-    "$@"
-    mkdir -p "$RUNS" && touch "$marker"
-    echo "== $name: $((SECONDS - t0)) s"
+DEV_ARGS=()        # --no_cuda for every driver when DEVICE=cpu
+[[ $DEVICE == cpu ]] && DEV_ARGS=(--no_cuda)
+FAISS_ARGS=()      # star/inference, prepare_hardneg
+ADORE_FAISS=()     # adore/train
+if [[ -n ${FAISS_GPUS:-} ]]; then
+  read -r -a gpus <<< "$FAISS_GPUS"
+  FAISS_ARGS=(--faiss_gpus "${gpus[@]}")
+  ADORE_FAISS=(--faiss_gpu_index "${gpus[@]}")
+fi
+AMP_ARGS=()        # fp16 + gradient checkpointing for STAR-type training on a GPU (real tasks)
+if [[ $SAMPLE == 0 && $DEVICE != cpu && ${FP16:-1} == 1 ]] \
+   && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  AMP_ARGS=(--fp16 --gradient_checkpointing)
+fi
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------------------
+TOTAL_START=$SECONDS
+
+# stage NAME FUNCTION [ARGS...]: run FUNCTION unless ROOT/.done/NAME exists; banner, wall time, marker.
+stage() {
+  local name=$1; shift
+  if [[ -f $DONE/$name ]]; then
+    echo "=== [$TASK] $name: done earlier, skipped (rm $DONE/$name to redo)"
+    return 0
+  fi
+  echo
+  echo "=== [$TASK] $name: started $(date '+%F %T')"
+  local start=$SECONDS
+  "$@"
+  mkdir -p "$DONE"
+  date -u '+%FT%TZ' > "$DONE/$name"
+  echo "=== [$TASK] $name: finished in $((SECONDS - start)) s"
 }
 
-train() {  # train OUT_NAME INIT MODE [extra args]
-    local out=$1 init=$2 mode=$3; shift 3
-    $PY star/train.py --init_path "$init" --preprocess_dir "$PRE" --negative_mode "$mode" \
-        --output_dir "$RUNS/$out" --overwrite_output_dir --per_device_train_batch_size "$BATCH" \
-        --learning_rate 1e-3 --warmup_steps 10 --num_train_epochs "$EPOCHS" --max_steps "$MAX_STEPS" \
-        --max_query_length $QLEN --max_doc_length $DLEN --logging_steps 10 --no_cuda "$@"
+# latest_checkpoint DIR: DIR/checkpoint-<largest step>
+latest_checkpoint() {
+  local best="" step max=-1 path
+  for path in "$1"/checkpoint-*; do
+    [[ -d $path ]] || continue
+    step=${path##*checkpoint-}
+    [[ $step =~ ^[0-9]+$ ]] || continue
+    if (( step > max )); then max=$step; best=$path; fi
+  done
+  [[ -n $best ]] || { echo "no checkpoint-* in $1" >&2; return 1; }
+  echo "$best"
 }
 
-evaluate_star() {  # evaluate_star NAME MODEL_DIR: corpus + dev/test rank files
-    local name=$1 model=$2
-    for mode in dev test; do
-        $PY star/inference.py --data_type passage --mode "$mode" --model_dir "$model" --preprocess_dir "$PRE" \
-            --output_dir "$EVAL/$name" --max_query_length $QLEN --max_doc_length $DLEN --no_cuda --overwrite
-    done
+# star_train OUT MODE INIT [EXTRA ARGS...]: star/train.py with the task's lengths (resumes an interrupted run)
+star_train() {
+  local out=$1 mode=$2 init=$3; shift 3
+  "$PY" -m star.train --negative_mode "$mode" --init_path "$init" --preprocess_dir "$PRE" --output_dir "$out" \
+    --resume --max_query_length 24 --max_doc_length "$TRAIN_DOC_LEN" "${DEV_ARGS[@]}" "${AMP_ARGS[@]}" "$@"
 }
 
-adore() {  # adore NAME START: ADORE on the start model's own document embeddings, then inference
-    local name=$1 start=$2
-    $PY adore/train.py --init_path "$RUNS/$start" --pembed_path "$EVAL/$start/passages.memmap" \
-        --preprocess_dir "$PRE" --data_type passage --model_save_dir "$RUNS/adore-$start" --overwrite_output_dir \
-        --max_seq_length $QLEN --per_gpu_batch_size 32 --learning_rate 5e-5 --warmup_steps 10 \
-        --num_train_epochs "$ADORE_EPOCHS" --max_steps "$MAX_STEPS" --neg_topk 200 --logging_steps 10 --no_cuda
-    local model=$RUNS/adore-$start/epoch-$ADORE_EPOCHS
-    [[ -d $model ]] || model=$(ls -d "$RUNS/adore-$start"/checkpoint-* | sort -t- -k2 -n | tail -1)  # MAX_STEPS stop
-    for mode in dev test; do
-        $PY adore/inference.py --model_dir "$model" --output_dir "$EVAL/adore-$start" \
-            --preprocess_dir "$PRE" --mode "$mode" --dmemmap_path "$EVAL/$start/passages.memmap" \
-            --max_seq_length $QLEN --no_cuda --overwrite
-    done
+# the schedule of Inbatch-Neg, Rand-Neg and STAR: the original's 100 epochs, stopped after STEPS steps
+TRAIN_ARGS=(--optimizer_str lamb --learning_rate "$LR" --warmup_steps "$LR_WARMUP" --num_train_epochs 100
+            --stop_after_steps "$STEPS" --per_device_train_batch_size "$BATCH" --save_steps "$SAVE_STEPS"
+            --logging_steps "$(( SAMPLE == 1 ? 5 : 50 ))")
+
+# ------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------
+generate_sample() {         # shared by sample and sample-doc: generated once per DATA folder
+  if [[ -f $DATA/sample/sample_info.json ]]; then
+    echo "using the sample already in $DATA/sample (delete the folder to regenerate it)"
+  else
+    "$PY" -m sample_data --out "$DATA/sample" --seed "${SAMPLE_SEED:-13}" --overwrite > /dev/null
+  fi
 }
 
-T0=$SECONDS
-stage sample      $PY -m sample_data --out "$ROOT"
-stage preprocess  $PY preprocess.py --data_type 1 --data_dir "$P/dataset" --out_dir "$PRE" \
-                      --model_name_or_path "$ROOT/tokenizer" --max_seq_length $DLEN --max_query_length 24 --overwrite
-stage warmup      train warmup "$ROOT/init_model" inbatch
-stage inbatch     train inbatch "$RUNS/warmup" inbatch
-stage rand        train rand "$RUNS/warmup" rand --rand_num 1
-stage mine        $PY star/prepare_hardneg.py --data_type passage --mode train --model_dir "$RUNS/warmup" \
-                      --preprocess_dir "$PRE" --output_dir "$RUNS/warmup_retrieve" --max_query_length $QLEN \
-                      --max_doc_length $DLEN --topk 50 --no_cuda --overwrite
-stage star        train star "$RUNS/warmup" star --hardneg_path "$RUNS/warmup_retrieve/hard.npy"
-for m in inbatch rand star; do
-    stage "encode-$m" evaluate_star "$m" "$RUNS/$m"
+check_dataset() {
+  local file=$ROOT/dataset/collection.tsv
+  [[ $KIND == doc ]] && file=$ROOT/dataset/msmarco-docs.tsv
+  if [[ ! -f $file ]]; then
+    echo "error: $file not found: run 'bash download_data.sh $TASK --dir $DATA' first" >&2
+    return 1
+  fi
+  if [[ ! -f $TOKENIZER/vocab.json || ! -f $TOKENIZER/merges.txt ]]; then
+    echo "error: roberta-base tokenizer files not found in $TOKENIZER (vocab.json, merges.txt):" \
+         "'bash download_data.sh tokenizer --dir $DATA' fetches them, or set TOKENIZER=folder" >&2
+    return 1
+  fi
+}
+
+preprocess() {
+  "$PY" -m preprocess --data_type "$([[ $KIND == doc ]] && echo 0 || echo 1)" --model_name_or_path "$TOKENIZER" \
+    --data_dir "$ROOT/dataset" --out_dir "$PRE" --max_seq_length 512 --max_query_length 64 --overwrite
+}
+
+# The warm-up model that mines STAR's hard negatives.
+warmup_sample_passage() {   # Inbatch-Neg from the random init (stands in for ANCE's BM25 warm-up)
+  star_train "$WARMUP" inbatch "$WARMUP_INIT" --optimizer_str adamw --learning_rate "$WARMUP_LR" \
+    --warmup_steps 10 --max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
+}
+
+warmup_passage() {          # the user supplies ANCE's checkpoint (original README)
+  if [[ ! -f $WARMUP/config.json ]]; then
+    echo "error: no warm-up model in $WARMUP: download ANCE's passage warm-up checkpoint (BM25 negatives," \
+         "~0.31 dev MRR@10; link in the original DRhard README) and extract it there" \
+         "(config.json + pytorch_model.bin)" >&2
+    return 1
+  fi
+}
+
+warmup_doc() {              # DRhard issue #18: STAR loss with BM25 top-100 negatives of the train queries
+  local run=$ROOT/dataset/msmarco-doctrain-top100
+  if [[ ! -f $WARMUP_INIT/config.json ]]; then
+    echo "error: doc warm-up initialisation $WARMUP_INIT not found: run 'bash reproduce.sh passage' first, or" \
+         "set WARMUP_INIT to a STAR passage model (e.g. the released one)" >&2
+    return 1
+  fi
+  "$PY" -m star.prepare_hardneg --data_type doc --mode train --run_file "$run" --topk 100 \
+    --preprocess_dir "$PRE" --output_dir "$ROOT/bm25_negatives" --overwrite
+  local opt=(--optimizer_str adamw --learning_rate "$WARMUP_LR" --warmup_steps 10 --max_steps "$WARMUP_TRAIN_STEPS"
+             --per_device_train_batch_size "$BATCH" --logging_steps 5)
+  [[ $SAMPLE == 0 ]] && opt=(--optimizer_str lamb --learning_rate "$WARMUP_LR" --warmup_steps "$LR_WARMUP"
+                             --max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH"
+                             --save_steps "$SAVE_STEPS")
+  star_train "$WARMUP" star "$WARMUP_INIT" --hardneg_path "$ROOT/bm25_negatives/hard.npy" "${opt[@]}"
+}
+
+baseline() {                # Inbatch-Neg (MODE inbatch) or Rand-Neg (MODE rand)
+  star_train "$ROOT/train/$1" "$1" "${BASELINE_INIT:-$WARMUP}" "${TRAIN_ARGS[@]}"
+}
+
+mine() {                    # STAR's static hard negatives: the warm-up's top TOPK of every train query
+  "$PY" -m star.prepare_hardneg --data_type "$KIND" --mode train --model_dir "$WARMUP" --preprocess_dir "$PRE" \
+    --output_dir "$MINED" --max_query_length 32 --max_doc_length "$DOC_LEN" --topk "$TOPK" --overwrite \
+    "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
+}
+
+star() {
+  star_train "$ROOT/train/star" star "$WARMUP" --hardneg_path "$MINED/hard.npy" "${TRAIN_ARGS[@]}"
+}
+
+# encode MODEL_DIR OUT_DIR: corpus + dev and test queries with a STAR-type model, top-100 rank files
+encode() {
+  local split
+  for split in dev test; do
+    "$PY" -m star.inference --data_type "$KIND" --mode "$split" --model_dir "$1" --preprocess_dir "$PRE" \
+      --output_dir "$2" --max_query_length 32 --max_doc_length "$DOC_LEN" --overwrite \
+      "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
+  done
+}
+
+adore() {                   # ADORE's query encoder from MODEL's checkpoint, against MODEL's frozen doc embeddings
+  local model=$1
+  local epochs=(--num_train_epochs "$ADORE_EPOCHS")
+  (( ADORE_STEPS > 0 )) && epochs=(--max_steps "$ADORE_STEPS")
+  local save=()
+  [[ -n $ADORE_SAVE_STEPS ]] && save=(--save_steps "$ADORE_SAVE_STEPS")
+  "$PY" -m adore.train --init_path "$ROOT/train/$model" --pembed_path "$ROOT/evaluate/$model/passages.memmap" \
+    --preprocess_dir "$PRE" --data_type "$KIND" --metric_cut "$METRIC_CUT" \
+    --model_save_dir "$ROOT/adore_train/$model" --resume --learning_rate "$ADORE_LR" \
+    --per_gpu_batch_size "$ADORE_BATCH" --warmup_steps "$ADORE_WARMUP" "${epochs[@]}" "${save[@]}" \
+    --logging_steps "$(( SAMPLE == 1 ? 5 : 100 ))" "${DEV_ARGS[@]}" "${ADORE_FAISS[@]}"
+}
+
+adore_inference() {         # the last ADORE checkpoint on dev and test
+  local model=$1 split checkpoint
+  checkpoint=$(latest_checkpoint "$ROOT/adore_train/$model")
+  echo "ADORE($model) model: $checkpoint"
+  for split in dev test; do
+    "$PY" -m adore.inference --model_dir "$checkpoint" --output_dir "$ROOT/evaluate/adore-$model" \
+      --preprocess_dir "$PRE" --mode "$split" --dmemmap_path "$ROOT/evaluate/$model/passages.memmap" \
+      --overwrite "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
+  done
+}
+
+results() {
+  local curves=()
+  case $CURVES in
+    all) curves=(--curves inbatch rand star adore-inbatch adore-rand adore-star) ;;
+    adore) curves=(--curves adore-inbatch adore-rand adore-star) ;;
+    none) ;;
+    *) read -r -a curves <<< "--curves $CURVES" ;;
+  esac
+  "$PY" -m results_table --root "$ROOT" --task "$KIND" --title "$TASK" --doc_length "$DOC_LEN" \
+    "${curves[@]}" "${DEV_ARGS[@]}"
+}
+
+# ------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------------------
+echo "reproduce.sh $TASK: outputs in $ROOT (threads: ${THREADS:-default}, device: $DEVICE)"
+if [[ $SAMPLE == 1 ]]; then
+  stage sample generate_sample
+else
+  check_dataset
+fi
+stage preprocess preprocess
+case $TASK in
+  sample) stage warmup warmup_sample_passage ;;
+  passage) warmup_passage ;;
+  *) stage warmup warmup_doc ;;
+esac
+stage inbatch baseline inbatch
+stage rand baseline rand
+stage mine mine
+stage star star
+stage encode-warmup encode "$WARMUP" "$MINED"
+for model in inbatch rand star; do
+  stage "encode-$model" encode "$ROOT/train/$model" "$ROOT/evaluate/$model"
 done
-for m in inbatch rand star; do
-    stage "adore-$m" adore "$m" "$m"
+for model in inbatch rand star; do
+  stage "adore-$model" adore "$model"
 done
-$PY results_table.py --eval_dir "$EVAL" --preprocess_dir "$PRE"
-echo "== pipeline: $((SECONDS - T0)) s"
+for model in inbatch rand star; do
+  stage "adore-inference-$model" adore_inference "$model"
+done
+echo
+echo "=== [$TASK] evaluation: started $(date '+%F %T')"
+start=$SECONDS
+results
+echo "=== [$TASK] evaluation: finished in $((SECONDS - start)) s"
+echo "=== [$TASK] all stages done in $((SECONDS - TOTAL_START)) s; results in $ROOT/results"

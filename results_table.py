@@ -1,74 +1,333 @@
-"""Gather a pipeline's rank files into the paper-shaped results table.
+"""The results table of a reproduce.sh run, shaped like the paper's (README) table, and its training curves.
 
-    python results_table.py --eval_dir data/sample/passage/evaluate --preprocess_dir data/sample/passage/preprocess
+    python results_table.py --root data/sample/passage --task passage [--curves inbatch rand star adore-star ...]
 
-Reads ``{eval_dir}/{model}/dev.rank.tsv`` and ``{eval_dir}/{model}/test.rank.tsv`` for each model of the paper's
-table (Inbatch-Neg, Rand-Neg, STAR, ADORE on each) and scores them with :mod:`msmarco_eval`:
-Dev MRR@10 (MRR@100 with ``--doc``) and R@100 against ``dev-qrel.tsv``; Test NDCG@10 (``trec_eval -c`` style,
-graded) against ``test-qrel.tsv``.  Prints a markdown table and writes ``results.md`` and ``results.json``.
+Layout read under ``--root`` (what reproduce.sh writes; ``KEY`` is inbatch, rand or star)::
+
+    preprocess/dev-qrel.tsv, test-qrel.tsv          offset qrels (test: graded, TREC DL 2019)
+    evaluate/KEY/{dev,test}.rank.tsv                 Inbatch-Neg, Rand-Neg, STAR (star/inference.py)
+    evaluate/adore-KEY/{dev,test}.rank.tsv           ADORE(...) (adore/inference.py)
+    warmup_retrieve/{dev,test}.rank.tsv              the warm-up model (an extra first row when present)
+    train/KEY/checkpoint-<step>/, train/KEY/log/     STAR-type checkpoints and TensorBoard events (tag ``loss``)
+    adore_train/KEY/checkpoint-<step>/, .../log/     ADORE checkpoints and events (tag ``train/all_loss``)
+    evaluate/KEY/passages.memmap                     the frozen document embeddings ADORE(KEY) searches
+
+Metrics (msmarco_eval, see its docstring): Dev MRR@10 (MRR@100 for documents) and R@100 on ``dev-qrel.tsv``;
+Test NDCG@10 (``trec_eval -c`` on the graded ``test-qrel.tsv``).  Outputs in ``--out_dir`` (default
+``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the comparisons below
+and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
+
+Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
+metric is at least as good (``results.json["comparisons"]``, also listed under the table).
+
+Curves (``--curves KEY ...``): the dev MRR of every saved ``checkpoint-<step>`` of the named models.  A STAR-type
+checkpoint encodes the corpus and the dev queries (memmaps in ``out_dir/curves/``, deleted once scored); an
+ADORE checkpoint encodes only the dev queries and searches its start model's frozen embeddings, so it is cheap
+even on MS MARCO (a STAR-type point there costs a full corpus encode: reproduce.sh only asks for ADORE's on real
+data).  Step 0 is the start model: the warm-up's dev ranking for Inbatch-Neg / Rand-Neg / STAR (when they start
+from it), the start model's dev ranking for ADORE.  Scores are cached in ``out_dir/curves.json`` by checkpoint, so
+a rerun only evaluates new checkpoints.  The plot shows the training loss (TensorBoard events) and these dev MRR
+points against the step.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
-from io_utils import PathLike, atomic_write_json, atomic_write_text, run_cli
+from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 from msmarco_eval import evaluate_files
 
-MODELS = (
-    ("inbatch", "Inbatch-Neg"),
-    ("rand", "Rand-Neg"),
-    ("star", "STAR"),
-    ("adore-inbatch", "ADORE(Inbatch-Neg)"),
-    ("adore-rand", "ADORE(Rand-Neg)"),
-    ("adore-star", "ADORE(STAR)"),
-)
+TRAINERS = ("inbatch", "rand", "star")
+NAMES = {"warmup": "Warm-up", "inbatch": "Inbatch-Neg", "rand": "Rand-Neg", "star": "STAR",
+         "adore-inbatch": "ADORE(Inbatch-Neg)", "adore-rand": "ADORE(Rand-Neg)", "adore-star": "ADORE(STAR)"}
+TABLE_KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-star")
+COMPARISONS = (("adore-inbatch", "inbatch"), ("adore-rand", "rand"), ("adore-star", "star"), ("star", "inbatch"))
+LOSS_TAGS = ("loss", "train/all_loss")   # star/train.py, adore/train.py
+CHECKPOINT_PREFIX = "checkpoint-"
+SEARCH_DEPTH = 100
 
 
-def score_model(model_dir: Path, preprocess_dir: Path, mrr_depth: int) -> dict[str, Optional[float]]:
-    """Dev MRR@depth, Dev R@100 and Test NDCG@10 of one model's rank files (None where a file is absent)."""
+# ==============================================================================================================
+# Table
+# ==============================================================================================================
+
+def mrr_depth(task: str) -> int:
+    """MRR@10 for passages, MRR@100 for documents (the paper's metrics)."""
+    return 100 if task == "doc" else 10
+
+
+def rank_dir(root: Path, key: str) -> Path:
+    return root / "warmup_retrieve" if key == "warmup" else root / "evaluate" / key
+
+
+def score_rank_files(folder: Path, preprocess_dir: Path, depth: int) -> dict[str, Optional[float]]:
+    """Dev MRR@depth and R@100 and Test NDCG@10 of ``folder/{dev,test}.rank.tsv`` (None where a file is absent)."""
     row: dict[str, Optional[float]] = {"dev_mrr": None, "dev_r100": None, "test_ndcg10": None}
-    dev, test = model_dir / "dev.rank.tsv", model_dir / "test.rank.tsv"
+    dev, test = folder / "dev.rank.tsv", folder / "test.rank.tsv"
     if dev.is_file():
-        m = evaluate_files(preprocess_dir / "dev-qrel.tsv", dev, metrics=(f"MRR@{mrr_depth}", "R@100"))
-        row["dev_mrr"], row["dev_r100"] = m[f"MRR@{mrr_depth}"], m["R@100"]
+        m = evaluate_files(preprocess_dir / "dev-qrel.tsv", dev, metrics=(f"MRR@{depth}", "R@100"))
+        row["dev_mrr"], row["dev_r100"] = m[f"MRR@{depth}"], m["R@100"]
     if test.is_file():
         row["test_ndcg10"] = evaluate_files(preprocess_dir / "test-qrel.tsv", test, metrics=("nDCG@10",))["nDCG@10"]
     return row
 
 
-def markdown_table(rows: dict[str, dict[str, Optional[float]]], mrr_depth: int) -> str:
-    """The README-shaped table: one line per model present."""
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"| Model | Dev MRR@{mrr_depth} | Dev R@100 | Test NDCG@10 |", "|---|---|---|---|"]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {fmt(row['dev_mrr'])} | {fmt(row['dev_r100'])} | {fmt(row['test_ndcg10'])} |")
+def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
+    """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files."""
+    root = Path(root)
+    rows = {}
+    for key in ("warmup", *TABLE_KEYS):
+        folder = rank_dir(root, key)
+        if (folder / "dev.rank.tsv").is_file() or (folder / "test.rank.tsv").is_file():
+            rows[key] = score_rank_files(folder, root / "preprocess", mrr_depth(task))
+    return rows
+
+
+def compare(rows: dict[str, dict[str, Optional[float]]]) -> list[dict[str, Any]]:
+    """For each (model, reference) of :data:`COMPARISONS` with both rows: is every metric at least as good?"""
+    out = []
+    for model, reference in COMPARISONS:
+        if model in rows and reference in rows:
+            metrics = {m: rows[model][m] >= rows[reference][m] for m in rows[model]
+                       if rows[model][m] is not None and rows[reference][m] is not None}
+            out.append({"model": NAMES[model], "reference": NAMES[reference], "at_least_as_good": metrics})
+    return out
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown_table(rows: dict[str, dict[str, Optional[float]]], task: str, title: str) -> str:
+    """The README-shaped table, one line per model present."""
+    lines = [f"| {title} | Dev MRR@{mrr_depth(task)} | Dev R@100 | Test NDCG@10 |", "|---|---|---|---|"]
+    for key, row in rows.items():
+        lines.append(f"| {NAMES[key]} | {_fmt(row['dev_mrr'])} | {_fmt(row['dev_r100'])} | "
+                     f"{_fmt(row['test_ndcg10'])} |")
     return "\n".join(lines) + "\n"
 
 
-def gather(eval_dir: PathLike, preprocess_dir: PathLike, doc: bool = False) -> dict[str, dict[str, Optional[float]]]:
-    """Scores of every model of :data:`MODELS` that has a folder in ``eval_dir``."""
-    eval_dir, preprocess_dir = Path(eval_dir), Path(preprocess_dir)
-    depth = 100 if doc else 10
-    return {name: score_model(eval_dir / key, preprocess_dir, depth)
-            for key, name in MODELS if (eval_dir / key).is_dir()}
+def comparison_lines(comparisons: list[dict[str, Any]]) -> str:
+    lines = []
+    for c in comparisons:
+        worse = [m for m, ok in c["at_least_as_good"].items() if not ok]
+        verdict = "at least as good on every metric" if not worse else f"worse on {', '.join(worse)}"
+        lines.append(f"- {c['model']} vs {c['reference']}: {verdict}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval_dir", required=True, help="folder with one sub-folder of rank files per model")
-    parser.add_argument("--preprocess_dir", required=True, help="preprocess output (dev-qrel.tsv, test-qrel.tsv)")
-    parser.add_argument("--doc", action="store_true", help="document task: MRR@100 instead of MRR@10")
-    parser.add_argument("--out_dir", default=None, help="where results.md/json go (default: --eval_dir)")
-    args = parser.parse_args(argv)
-    rows = gather(args.eval_dir, args.preprocess_dir, args.doc)
-    table = markdown_table(rows, 100 if args.doc else 10)
-    out = Path(args.out_dir or args.eval_dir)
-    atomic_write_text(out / "results.md", table)
-    atomic_write_json(out / "results.json", rows)
-    print(table, end="")
+# ==============================================================================================================
+# Dev curves: every saved checkpoint on dev
+# ==============================================================================================================
+
+def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of ``folder/checkpoint-<step>`` in step order."""
+    found = []
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def training_folder(root: Path, key: str) -> Path:
+    return root / "adore_train" / key[len("adore-"):] if key.startswith("adore-") else root / "train" / key
+
+
+def start_point(root: Path, key: str, depth: int) -> Optional[float]:
+    """Dev MRR of the model a run starts from (step 0): the warm-up for STAR-type runs initialised from it, the
+    start model for ADORE; None when unknown."""
+    if key.startswith("adore-"):
+        folder = rank_dir(root, key[len("adore-"):])
+    else:
+        args_file = root / "train" / key / "training_args.json"
+        warmup = root / "warmup"
+        init = json.loads(args_file.read_text()).get("init_path") if args_file.is_file() else None
+        if init is None or Path(init).resolve() != warmup.resolve():
+            return None
+        folder = rank_dir(root, "warmup")
+    if not (folder / "dev.rank.tsv").is_file():
+        return None
+    return evaluate_files(root / "preprocess" / "dev-qrel.tsv", folder / "dev.rank.tsv",
+                          metrics=(f"MRR@{depth}",))[f"MRR@{depth}"]
+
+
+class CheckpointScorer:
+    """Dev MRR of one checkpoint: encode (retrieve_utils, torch imported only here), search, write the rank file
+    into ``work`` and score it; the embedding memmaps are deleted afterwards."""
+
+    def __init__(self, root: Path, work: Path, task: str, query_length: int, adore_query_length: int,
+                 doc_length: int, batch_size: int, no_cuda: bool):
+        import retrieve_utils as ru
+
+        self.ru, self.root, self.work, self.depth = ru, root, work, mrr_depth(task)
+        self.query_length, self.adore_query_length, self.doc_length = query_length, adore_query_length, doc_length
+        self.batch_size, self.device = batch_size, ru.inference_device(no_cuda)
+
+    def __call__(self, key: str, checkpoint: Path) -> float:
+        import numpy as np
+
+        ru, pre = self.ru, self.root / "preprocess"
+        out = self.work / key / checkpoint.name
+        model, model_id, pad = ru.load_encoder(checkpoint)
+        common = dict(batch_size=self.batch_size, device=self.device, pad_token_id=pad, overwrite=True)
+        try:
+            if key.startswith("adore-"):
+                docs = ru.open_embeddings(self.root / "evaluate" / key[len("adore-"):] / "passages.memmap",
+                                          dim=model.output_dim)
+                queries = ru.encode_split(model, model_id, pre, "dev-query", self.adore_query_length,
+                                          out / "dev-query.memmap", **common)
+            else:
+                queries = ru.encode_split(model, model_id, pre, "dev-query", self.query_length,
+                                          out / "dev-query.memmap", **common)
+                docs = ru.encode_split(model, model_id, pre, "passages", self.doc_length, out / "passages.memmap",
+                                       **common)
+            _, ids = ru.exact_search(docs, queries, SEARCH_DEPTH)
+            ru.write_rank_file(out / "dev.rank.tsv", np.arange(len(queries)), ids)
+        finally:
+            for memmap in list(out.glob("*.memmap")) + list(out.glob("*.memmap.manifest.json")):
+                memmap.unlink()
+        return evaluate_files(pre / "dev-qrel.tsv", out / "dev.rank.tsv",
+                              metrics=(f"MRR@{self.depth}",))[f"MRR@{self.depth}"]
+
+
+def evaluate_curves(root: Path, keys: Sequence[str], cache_path: Path, depth: int,
+                    make_scorer: Callable[[], Callable[[str, Path], float]]) -> dict[str, dict[int, float]]:
+    """``{key: {step: dev MRR}}`` for step 0 (:func:`start_point`) and every checkpoint of each key, scored by the
+    callable ``make_scorer()`` builds on first need; checkpoints already in ``cache_path`` (``{key: {checkpoint
+    name: MRR}}``) are not evaluated again."""
+    cache: dict[str, dict[str, float]] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    scorer = None
+    curves: dict[str, dict[int, float]] = {}
+    for key in keys:
+        points: dict[int, float] = {}
+        start = start_point(root, key, depth)
+        if start is not None:
+            points[0] = start
+        for step, checkpoint in checkpoint_steps(training_folder(root, key)):
+            done = cache.setdefault(key, {})
+            if checkpoint.name not in done:
+                scorer = scorer or make_scorer()
+                print(f"curves: {NAMES[key]} {checkpoint.name} on dev ...", flush=True)
+                done[checkpoint.name] = scorer(key, checkpoint)
+                atomic_write_json(cache_path, cache)
+            points[step] = done[checkpoint.name]
+        curves[key] = dict(sorted(points.items()))
+    return curves
+
+
+# ==============================================================================================================
+# Training loss from TensorBoard, plot
+# ==============================================================================================================
+
+def read_loss(log_dir: Path) -> list[tuple[int, float]]:
+    """``[(step, loss)]`` from the TensorBoard events under ``log_dir`` (first of :data:`LOSS_TAGS` found); a
+    step logged twice (a resumed run) keeps its last value."""
+    if not log_dir.is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags().get("scalars", [])
+    for tag in LOSS_TAGS:
+        if tag in tags:
+            return sorted({e.step: e.value for e in events.Scalars(tag)}.items())
+    return []
+
+
+def plot_curves(losses: dict[str, list[tuple[int, float]]], curves: dict[str, dict[int, float]], depth: int,
+                path: Path) -> bool:
+    """Training loss (top) and dev MRR (bottom) against the step, STAR-type runs left, ADORE right; False (and a
+    message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no curves plot (pip install -e '.[plot]')")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col")
+    for col, keys in enumerate((TRAINERS, tuple(f"adore-{k}" for k in TRAINERS))):
+        for key in keys:
+            if losses.get(key):
+                steps, values = zip(*losses[key])
+                axes[0, col].plot(steps, values, label=NAMES[key])
+            if curves.get(key):
+                steps, values = zip(*curves[key].items())
+                axes[1, col].plot(steps, values, marker="o", label=NAMES[key])
+        axes[0, col].set_title("ADORE" if col else "Inbatch-Neg / Rand-Neg / STAR")
+        axes[0, col].set_ylabel("training loss")
+        axes[1, col].set_ylabel(f"dev MRR@{depth}")
+        axes[1, col].set_xlabel("optimizer step")
+        for ax in axes[:, col]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+# ==============================================================================================================
+# Main
+# ==============================================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="See the module docstring for the layout read and the outputs.")
+    parser.add_argument("--root", required=True, help="task folder of reproduce.sh, e.g. data/sample/passage")
+    parser.add_argument("--task", choices=("passage", "doc"), default="passage",
+                        help="passage: Dev MRR@10; doc: Dev MRR@100 (default %(default)s)")
+    parser.add_argument("--title", default=None, help="first header cell of the table (default: the task)")
+    parser.add_argument("--out_dir", default=None, help="output folder (default ROOT/results)")
+    parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
+                        help=f"evaluate every checkpoint of these models on dev for the curves: {', '.join(TABLE_KEYS)}")
+    parser.add_argument("--query_length", type=int, default=32, help="STAR-type query length (default %(default)s)")
+    parser.add_argument("--adore_query_length", type=int, default=64, help="ADORE query length (default %(default)s)")
+    parser.add_argument("--doc_length", type=int, default=256,
+                        help="document length of the STAR-type curves (default %(default)s; 512 for documents)")
+    parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default %(default)s)")
+    parser.add_argument("--no_cuda", action="store_true", help="encode on the CPU even when CUDA is available")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    root = Path(args.root)
+    if not (root / "preprocess" / "dev-qrel.tsv").is_file():
+        raise InputError("no preprocess/dev-qrel.tsv under --root: not a reproduce.sh task folder", path=root)
+    out = Path(args.out_dir or root / "results")
+    rows = gather(root, args.task)
+    if not rows:
+        raise InputError("no rank files found (evaluate/*/dev.rank.tsv)", path=root)
+    comparisons = compare(rows)
+    table = markdown_table(rows, args.task, args.title or args.task)
+    text = table + ("\n" + comparison_lines(comparisons) if comparisons else "")
+
+    make_scorer = functools.partial(CheckpointScorer, root, out / "curves", args.task, args.query_length,
+                                    args.adore_query_length, args.doc_length, args.batch_size, args.no_cuda)
+    curves = evaluate_curves(root, args.curves, out / "curves.json", mrr_depth(args.task), make_scorer)
+    losses = {key: read_loss(training_folder(root, key) / "log") for key in TABLE_KEYS}
+    plotted = plot_curves(losses, curves, mrr_depth(args.task), out / "curves.png")
+
+    result = {"task": args.task, "metrics": {NAMES[k]: v for k, v in rows.items()}, "comparisons": comparisons,
+              "dev_mrr_curves": {NAMES[k]: v for k, v in curves.items()},
+              "loss_curves": {NAMES[k]: v for k, v in losses.items() if v},
+              "plot": str(out / "curves.png") if plotted else None}
+    atomic_write_text(out / "results.md", text)
+    atomic_write_json(out / "results.json", result)
+    print(text, end="")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'curves.png'}" if plotted else ""))
+    return result
 
 
 if __name__ == "__main__":

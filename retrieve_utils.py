@@ -253,7 +253,9 @@ def _encode_blocks(job: _EncodeJob) -> None:
         with grad_off, tqdm(total=total, initial=done, desc=job.desc, unit=job.unit, unit_scale=True,
                             dynamic_ncols=True, disable=None) as bar:
             for inputs, ids in loader:
-                job.embeddings[np.asarray(ids, dtype=np.int64)] = _forward(runner, inputs, job)
+                vectors = _forward(runner, inputs, job)
+                _refuse_non_finite(vectors, ids, job)
+                job.embeddings[np.asarray(ids, dtype=np.int64)] = vectors
                 done += len(ids)
                 bar.update(len(ids))
                 if done == next_flush:
@@ -263,6 +265,15 @@ def _encode_blocks(job: _EncodeJob) -> None:
                     next_flush = min(done + block_rows, total)
     finally:
         _unwrap(runner).train(was_training)
+
+
+def _refuse_non_finite(vectors: np.ndarray, ids: Sequence[int], job: _EncodeJob) -> None:
+    """Stop the encoding at the first NaN/inf embedding (a NaN row would silently never be retrieved, an inf one
+    ranked first for every query); the blocks written so far stay resumable."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise RuntimeError(f"{job.path}: the encoder returned NaN/inf for offset {int(ids[int(np.argmax(bad))])} "
+                           f"(precision {job.precision}; fp16 overflow? try fp32 or --bf16)")
 
 
 def _prepare_model(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, bool]:

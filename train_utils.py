@@ -38,7 +38,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 from torch.optim.lr_scheduler import LambdaLR
 
-from io_utils import InputError, PathLike, atomic_write_json
+from io_utils import InputError, PathLike, atomic_directory, atomic_write_json, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -335,15 +335,6 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``, replacing an older ``final`` (rename, then delete)."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _state_dict_or_none(obj: Any) -> Any:
     return None if obj is None else obj.state_dict()
 
@@ -364,9 +355,7 @@ def save_checkpoint(output_dir: PathLike, step: int, model: torch.nn.Module, opt
     rng_states = all_gather_object(get_rng_state())
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     if get_rank() == 0:
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_directory(final) as tmp:
             unwrap_model(model).save_pretrained(tmp)
             extra = dict(extra_state or {})
             state = {"format_version": STATE_FORMAT_VERSION, "global_step": step,
@@ -375,10 +364,6 @@ def save_checkpoint(output_dir: PathLike, step: int, model: torch.nn.Module, opt
                      "extra": extra}
             torch.save(state, tmp / TRAINER_STATE_NAME)
             atomic_write_json(tmp / "trainer_state.json", {"global_step": step, **extra})
-            _replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if save_total_limit is not None and save_total_limit > 0:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -426,7 +411,8 @@ def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None,
 
 
 def prepare_output_dir(output_dir: PathLike, overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty ``output_dir`` unless ``resume`` or ``overwrite`` (HF Trainer rule).
+    """Refuse a non-empty ``output_dir`` unless ``resume`` or ``overwrite`` (HF Trainer rule); then delete the
+    ``*.tmp-<pid>`` / ``*.old-<pid>`` folders a killed run left there (:func:`io_utils.remove_stale_temporaries`).
 
     With ``overwrite`` (and not ``resume``) the old ``checkpoint-*`` folders are deleted (rank 0), so a later
     ``--resume`` cannot pick up a previous run's checkpoint.
@@ -438,6 +424,9 @@ def prepare_output_dir(output_dir: PathLike, overwrite: bool, resume: bool) -> N
     if non_empty and not (overwrite or resume):
         raise InputError("output_dir exists and is not empty; pass --overwrite_output_dir to train into it "
                          "anyway, or --resume to continue from its latest checkpoint", path=folder)
+    if (overwrite or resume) and get_rank() == 0:
+        for stale in remove_stale_temporaries(folder):
+            logger.info("removed %s, left by an interrupted run", stale)
     if overwrite and not resume and get_rank() == 0:
         for old in folder.glob(f"{CHECKPOINT_PREFIX}*") if folder.is_dir() else ():
             if old.is_dir() and checkpoint_step(old) is not None:

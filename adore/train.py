@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 import retrieve_utils as ru
 import train_utils as tu
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
-from io_utils import InputError, atomic_write_json, require_file, run_cli
+from io_utils import InputError, atomic_directory, atomic_write_json, require_file, run_cli
 from losses import adore_batch_loss
 from model import DenseEncoder
 
@@ -492,15 +492,20 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def _save(t: Trainer, epoch_done: bool) -> None:
-    """``checkpoint-<step>`` (resume state); after an epoch also the ``epoch-<k>`` model folder (k 1-based)."""
+    """After an epoch the ``epoch-<k>`` model folder (k 1-based), then ``checkpoint-<step>`` (resume state).
+
+    Both appear under their final names only when complete (written under ``*.tmp-<pid>``, then renamed).  The
+    epoch folder goes first: a run killed between the two resumes from the previous checkpoint, trains the same
+    step again and replaces the folder with the same weights; the other order would leave a resumed run with
+    no ``epoch-<k>`` at all (the checkpoint already says the epoch is done)."""
     p = t.progress
+    if epoch_done:
+        with atomic_directory(Path(t.args.model_save_dir) / f"{EPOCH_PREFIX}{p.epoch}") as tmp:
+            t.model.save_pretrained(tmp)
+            atomic_write_json(tmp / "training_args.json", vars(t.args))
     extra = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "settings": _settings(t.args)}
     tu.save_checkpoint(t.args.model_save_dir, p.global_step, t.model, t.optimizer, t.scheduler, t.scaler, extra,
                        t.args.save_total_limit)
-    if epoch_done:
-        folder = Path(t.args.model_save_dir) / f"{EPOCH_PREFIX}{p.epoch}"
-        t.model.save_pretrained(folder)
-        atomic_write_json(folder / "training_args.json", vars(t.args))
 
 
 def _micro_batches(t: Trainer) -> Iterator[tuple[dict[str, torch.Tensor], list]]:

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--num_train_epochs", type=float, default=100.0,
                      help="schedule length (faithful; the authors killed the run around 50k steps)")
     opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
+    opt.add_argument("--stop_after_steps", type=int, default=None,
+                     help="stop (with a checkpoint and the final model) after this many optimizer steps without "
+                          "shortening the schedule: the authors stopped their 100-epoch run by hand around 50k "
+                          "steps, LR still ~75%% of peak (--max_steps instead sets the schedule's length)")
     opt.add_argument("--warmup_steps", type=int, default=1000, help="linear warm-up steps")
     opt.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
 
@@ -160,6 +164,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
     if args.negative_mode != "star" and args.hardneg_path:
         logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise InputError("--stop_after_steps must be >= 1", value=args.stop_after_steps)
     if args.warmup_steps < 0 or args.learning_rate < 0 or args.dataloader_num_workers < 0:
         raise InputError("--warmup_steps, --learning_rate and --dataloader_num_workers must be >= 0")
     if args.logging_dir is None:
@@ -363,7 +369,7 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                     "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
                     args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
                     plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
-    log = tu.TrainLogger(args.logging_dir, plan.total_steps, progress.global_step, enabled=info.is_main,
+    log = tu.TrainLogger(args.logging_dir, last_step(args, plan), progress.global_step, enabled=info.is_main,
                          purge_step=progress.global_step if checkpoint is not None else None)
     try:
         _loop(args, info, wrapped, model, data, sampler, plan, optimizer, scheduler, scaler, progress, log)
@@ -374,6 +380,11 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
         atomic_write_json(output_dir / "training_args.json", vars(args))
     tu.barrier()
     return output_dir
+
+
+def last_step(args: argparse.Namespace, plan: tu.TrainingPlan) -> int:
+    """The step training stops at: the schedule's end, or ``--stop_after_steps`` if that comes first."""
+    return plan.total_steps if args.stop_after_steps is None else min(plan.total_steps, args.stop_after_steps)
 
 
 def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module, model: DenseEncoder,
@@ -401,7 +412,8 @@ def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module,
         log.log({"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch}, progress.global_step)
         interval_loss, interval_steps = torch.zeros((), device=info.device), 0
 
-    while progress.global_step < plan.total_steps and progress.epoch < plan.num_epochs:
+    end = last_step(args, plan)
+    while progress.global_step < end and progress.epoch < plan.num_epochs:
         data.dataset.set_epoch(progress.epoch)
         sampler.set_epoch(progress.epoch, start_batch=progress.step_in_epoch * plan.gradient_accumulation_steps)
         loader_generator.manual_seed(tu.epoch_seed(args.seed, progress.epoch))
@@ -409,7 +421,7 @@ def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module,
                             num_workers=args.dataloader_num_workers, pin_memory=info.device.type == "cuda",
                             generator=loader_generator)
         batches: Iterator[dict[str, Any]] = iter(loader)
-        while progress.step_in_epoch < plan.steps_per_epoch and progress.global_step < plan.total_steps:
+        while progress.step_in_epoch < plan.steps_per_epoch and progress.global_step < end:
             n_micro = plan.micro_batches_in_step(progress.step_in_epoch)
             step_loss = accumulate_gradients(wrapped, itertools.islice(batches, n_micro), n_micro,
                                              args.negative_mode, data.rel_dict, info.device, scaler,

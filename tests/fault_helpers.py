@@ -29,15 +29,15 @@ def run(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     return result
 
 
-def make_encoder_inputs(root: Path) -> dict:
-    """A tiny preprocess dir (passages, train queries + qrels) and a tiny saved encoder."""
+def make_encoder_inputs(root: Path, n_docs: int = N_DOCS) -> dict:
+    """A tiny preprocess dir (``n_docs`` passages, train/dev queries + qrels) and a tiny saved encoder."""
     rng = np.random.default_rng(11)
     pre = root / "preprocess"
-    write_token_memmap(pre, "passages", rng.integers(4, DOC_LEN + 1, N_DOCS).tolist(), width=DOC_LEN, seed=1)
+    write_token_memmap(pre, "passages", rng.integers(4, DOC_LEN + 1, n_docs).tolist(), width=DOC_LEN, seed=1)
     for split in ("train", "dev"):
         write_token_memmap(pre, f"{split}-query", rng.integers(3, QUERY_LEN + 1, N_QUERIES).tolist(),
                            width=QUERY_LEN, seed=2)
-        qrels = [f"{q}\t0\t{p}\t1" for q in range(N_QUERIES) for p in rng.choice(N_DOCS, 2, replace=False)]
+        qrels = [f"{q}\t0\t{p}\t1" for q in range(N_QUERIES) for p in rng.choice(n_docs, 2, replace=False)]
         (pre / f"{split}-qrel.tsv").write_text("\n".join(qrels) + "\n")
     tiny_encoder(0, out_dim=16).save_pretrained(root / "model")
     return {"pre": pre, "model": root / "model"}

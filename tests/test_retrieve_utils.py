@@ -292,6 +292,26 @@ def test_resumed_encode_is_byte_identical(tmp_path, corpus):
     assert ru.open_embeddings(tmp_path / "part.memmap").shape == (len(LENGTHS), 16)
 
 
+class NaNAfter(CountingModel):
+    """An encoder whose output turns NaN from forward call ``nan_at`` on (an fp16 overflow, say)."""
+
+    def __init__(self, inner: torch.nn.Module, nan_at: int):
+        super().__init__(inner)
+        self.nan_at = nan_at
+
+    def forward(self, input_ids, attention_mask):
+        out = super().forward(input_ids, attention_mask)
+        return out * float("nan") if self.calls >= self.nan_at else out
+
+
+def test_non_finite_embeddings_stop_the_encoding_and_keep_the_finished_blocks(tmp_path, corpus):
+    _, dataset = corpus
+    with pytest.raises(RuntimeError, match=r"e\.memmap: the encoder returned NaN/inf for offset \d+"):
+        encode(NaNAfter(tiny_encoder(0), nan_at=5), dataset, tmp_path / "e.memmap")
+    manifest = json.loads((tmp_path / "e.memmap.manifest.json").read_text())
+    assert manifest["completed_rows"] == 12 and not manifest["complete"]  # blocks 1-2 kept, resumable
+
+
 def test_complete_memmap_is_reused_without_encoding(tmp_path, corpus):
     _, dataset = corpus
     first = encode(tiny_encoder(0), dataset, tmp_path / "e.memmap")
