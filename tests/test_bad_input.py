@@ -351,24 +351,19 @@ def adore_train_args(inputs, out, docs, *extra):
             "--per_gpu_batch_size", "4", "--max_steps", "1", "--no_cuda", "--faiss_omp_num_threads", "1", *extra]
 
 
-@pytest.mark.parametrize("case", list(EMBEDDING_CASES))
-def test_adore_inference_bad_embeddings(tmp_path, adore_inputs, case):
+BAD_EMBEDDING_RUNS = [pytest.param(adore_inference_args, case, id=f"inference-{case}") for case in EMBEDDING_CASES] + [
+    pytest.param(adore_train_args, case, id=f"train-{case}")
+    for case in ("size not a multiple of dim x 4", "NaN in embeddings")]
+
+
+@pytest.mark.parametrize("make_args, case", BAD_EMBEDDING_RUNS)
+def test_adore_bad_embeddings(tmp_path, adore_inputs, make_args, case):
     make, extra = EMBEDDING_CASES[case]
     docs, needles = make(tmp_path)
     before = tree_hash(tmp_path), tree_hash(adore_inputs["root"])
     out = tmp_path / "out"
-    assert_one_error(run_cli(adore_inference_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
+    assert_one_error(run_cli(make_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
     assert (tree_hash(tmp_path), tree_hash(adore_inputs["root"])) == before  # inputs intact, no output written
-
-
-@pytest.mark.parametrize("case", ["size not a multiple of dim x 4", "NaN in embeddings"])
-def test_adore_train_bad_embeddings(tmp_path, adore_inputs, case):
-    make, extra = EMBEDDING_CASES[case]
-    docs, needles = make(tmp_path)
-    before = tree_hash(tmp_path), tree_hash(adore_inputs["root"])
-    out = tmp_path / "out"
-    assert_one_error(run_cli(adore_train_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
-    assert (tree_hash(tmp_path), tree_hash(adore_inputs["root"])) == before
     assert not out.exists()
 
 
