@@ -138,6 +138,7 @@ class DenseEncoder(torch.nn.Module):
                              path=weights_path)
         if fresh_head:
             logger.warning("%s: no embeddingHead/norm weights; the head starts from random init", weights_path)
+        unexpected = [k for k in unexpected if "pooler" not in k.split(".")]  # the backbone is built without one
         if unexpected:
             logger.warning("%s: ignoring %d checkpoint key(s) the model does not use, e.g. %s",
                            weights_path, len(unexpected), unexpected[:5])
