@@ -12,6 +12,7 @@
   so a resumed run skips the batches already consumed in the epoch without reading them.
 * :class:`GlobalBatchSampler` — a deterministic, resumable batch sampler that splits every *global* batch
   across DDP ranks (rank r gets the r-th contiguous slice of it).
+* :class:`HelpFormatter` — the trainers' ``--help`` layout; :class:`Progress` — where a run stands.
 * :class:`TrainingPlan` — steps per epoch / total steps / epochs, as the HF Trainer derives them.
 * :class:`TrainLogger` — TensorBoard scalars + a tqdm bar (steps/s, ETA) + console lines, rank 0 only.
 * DDP: :func:`init_distributed` (torchrun environment), :func:`all_gather_with_grad`, :func:`all_gather_object`,
@@ -21,6 +22,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -46,6 +48,22 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.pt"
 STATE_FORMAT_VERSION = 1
 NO_DECAY_PATTERNS = ("bias", "LayerNorm.weight")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The trainers' ``--help``: keeps the epilog's line breaks and appends each meaningful default (not None,
+    False or [], not a ``store_const`` flag's, not one the help already shows)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.const is None \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,6 +218,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Plan and data order
 # ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands: ``epoch`` (0-based, current), optimizer steps done in it, and in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
 
 @dataclass(frozen=True)
 class TrainingPlan:

@@ -97,18 +97,9 @@ time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks and shows each meaningful default (not None, False or [])."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and action.const is None:
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=tu.HelpFormatter)
     data = p.add_argument_group("data and model")
     data.add_argument("--init_path", required=True, help="query-encoder initialisation (e.g. the STAR model folder)")
     data.add_argument("--pembed_path", required=True,
@@ -337,15 +328,6 @@ def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex, inputs: di
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Progress:
-    """Where training stands: ``epoch`` (0-based, current), optimizer steps done in it, and in total."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-
-@dataclass
 class Window:
     """Sums over the steps since the last log line."""
 
@@ -392,7 +374,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    progress: Progress = field(default_factory=Progress)
+    progress: tu.Progress = field(default_factory=tu.Progress)
     resumed_from: Optional[Path] = None
 
     @property
@@ -466,7 +448,7 @@ def _restore(t: Trainer, checkpoint: Path) -> None:
     if changed:
         logger.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
                        "; ".join(changed))
-    t.progress = Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
+    t.progress = tu.Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
     t.resumed_from = checkpoint
     # only the first batches the collator sees are padded to the maximum length
     t.collator.batches_seen = (t.progress.epoch * t.plan.micro_batches_per_epoch

@@ -73,18 +73,9 @@ torch.optim.AdamW; DDP via torchrun; --bf16.
 # Arguments
 # ----------------------------------------------------------------------------------------------------------
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks and appends each meaningful default (not None/False) to the help."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=tu.HelpFormatter)
     data = p.add_argument_group("data and model")
     data.add_argument("--init_path", required=True, help="warm-up model folder (e.g. the ANCE/STAR warm-up)")
     data.add_argument("--preprocess_dir", required=True,
@@ -296,18 +287,9 @@ def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Progress:
-    """Where training stands: ``epoch`` (0-based, current), optimizer steps done in it, and in total."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-
 def _resume_state(args: argparse.Namespace, world_size: int, checkpoint: Path,
                   model: DenseEncoder, optimizer: torch.optim.Optimizer, scheduler: Any,
-                  scaler: torch.amp.GradScaler) -> Progress:
+                  scaler: torch.amp.GradScaler) -> tu.Progress:
     extra = tu.load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
     saved = extra.get("settings", {})
     now = {**{k: getattr(args, k, None) for k in RESUME_KEYS}, "world_size": world_size}
@@ -317,7 +299,7 @@ def _resume_state(args: argparse.Namespace, world_size: int, checkpoint: Path,
                        "; ".join(changed))
     logger.info("resuming from %s (epoch %d, step %d in epoch, global step %d)", checkpoint, extra["epoch"],
                 extra["step_in_epoch"], extra["global_step"])
-    return Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
+    return tu.Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
 
 
 def _settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
@@ -355,7 +337,7 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                                    args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
     scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
     scaler = tu.make_grad_scaler(info.device, args.fp16)
-    progress = Progress()
+    progress = tu.Progress()
     if checkpoint is not None:
         progress = _resume_state(args, info.world_size, checkpoint, model, optimizer, scheduler, scaler)
         mark_batches_collated(data.collator, progress.epoch * plan.micro_batches_per_epoch
@@ -389,8 +371,8 @@ def last_step(args: argparse.Namespace, plan: tu.TrainingPlan) -> int:
 
 def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module, model: DenseEncoder,
           data: TrainData, sampler: tu.GlobalBatchSampler, plan: tu.TrainingPlan,
-          optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, progress: Progress,
-          log: tu.TrainLogger) -> None:
+          optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+          progress: tu.Progress, log: tu.TrainLogger) -> None:
     wrapped.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     loader_generator = torch.Generator()  # DataLoader draws its worker base seed here, not from the global RNG

@@ -21,6 +21,21 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture
+def one_thread():
+    """One torch and one faiss thread for the test: tiny models and searches run fastest so, and OpenMP/BLAS
+    threads spin-waiting against other processes on a busy 2-core machine can make them 100x slower."""
+    import faiss
+    import torch
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO

@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,19 +16,10 @@ import retrieve_utils as ru
 from adore import train as adore_train
 from io_utils import InputError, run_cli
 from losses import adore_batch_loss
+from test_star_train import write_cache
 
 N_DOCS, N_QUERIES, VOCAB, DIM = 60, 12, 50, 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models and searches are fastest on one thread (and OpenMP spin-waiting on a busy 2-core box hurts)."""
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_threads)
-    faiss.omp_set_num_threads(faiss_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,18 +31,6 @@ class Data:
     pre: Path
     emb: Path
     init: Path
-
-
-def write_cache(folder: Path, prefix: str, rows: list[list[int]]) -> None:
-    """``{prefix}.memmap`` int32 [N, L] right-padded with 0, ``{prefix}_length.npy``, ``{prefix}_meta``."""
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    ids.tofile(folder / f"{prefix}.memmap")
-    np.save(folder / f"{prefix}_length.npy", np.array([len(r) for r in rows], dtype=np.int32))
-    (folder / f"{prefix}_meta").write_text(json.dumps({"type": "int32", "total_number": len(rows),
-                                                        "embedding_size": width}))
 
 
 def tiny_config(dropout: float):

@@ -11,7 +11,8 @@ import adore.inference as adore_inference
 import star.inference as star_inference
 from io_utils import InputError
 from test_retrieve_utils import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
-from test_retrieve_utils import one_thread  # noqa: F401  (autouse fixture: applies here too)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 DOC_LEN, QUERY_LEN = 12, 6
 N_DOCS, N_QUERIES = 40, 5

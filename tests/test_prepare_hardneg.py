@@ -14,7 +14,8 @@ import star.prepare_hardneg as ph
 from dataset import HardNegatives, load_hardneg
 from io_utils import InputError
 from test_retrieve_utils import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
-from test_retrieve_utils import one_thread  # noqa: F401  (autouse fixture: applies here too)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 DOC_LEN, QUERY_LEN, DIM = 12, 6, 24
 N_DOCS = 40

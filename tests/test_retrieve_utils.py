@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -18,22 +17,12 @@ from io_utils import InputError
 from model import DenseEncoder
 
 VOCAB = 60
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers (also used by test_inference.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models and searches run fastest on one thread (spinning OpenMP/BLAS threads fighting other processes
-    for the cores can make them 100x slower)."""
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_threads)
-    faiss.omp_set_num_threads(faiss_threads)
 
 
 def write_token_memmap(folder: Path, prefix: str, lengths: list[int], width: int, seed: int) -> list[np.ndarray]:
