@@ -137,22 +137,14 @@ def training_folder(root: Path, key: str) -> Path:
     return root / "adore_train" / key[len("adore-"):] if key.startswith("adore-") else root / "train" / key
 
 
-def start_point(root: Path, key: str, depth: int) -> Optional[float]:
-    """Dev MRR of the model a run starts from (step 0): the warm-up for STAR-type runs initialised from it, the
-    start model for ADORE; None when unknown."""
+def start_model(root: Path, key: str) -> Optional[str]:
+    """The table key of the model a run starts from (its curve's step 0): the start model for ADORE, the warm-up
+    for a STAR-type run initialised from ``ROOT/warmup``; None when unknown."""
     if key.startswith("adore-"):
-        folder = rank_dir(root, key[len("adore-"):])
-    else:
-        args_file = root / "train" / key / "training_args.json"
-        warmup = root / "warmup"
-        init = json.loads(args_file.read_text()).get("init_path") if args_file.is_file() else None
-        if init is None or Path(init).resolve() != warmup.resolve():
-            return None
-        folder = rank_dir(root, "warmup")
-    if not (folder / "dev.rank.tsv").is_file():
-        return None
-    return evaluate_files(root / "preprocess" / "dev-qrel.tsv", folder / "dev.rank.tsv",
-                          metrics=(f"MRR@{depth}",))[f"MRR@{depth}"]
+        return key[len("adore-"):]
+    args_file = root / "train" / key / "training_args.json"
+    init = json.loads(args_file.read_text()).get("init_path") if args_file.is_file() else None
+    return "warmup" if init is not None and Path(init).resolve() == (root / "warmup").resolve() else None
 
 
 class CheckpointScorer:
@@ -194,17 +186,18 @@ class CheckpointScorer:
                               metrics=(f"MRR@{self.depth}",))[f"MRR@{self.depth}"]
 
 
-def evaluate_curves(root: Path, keys: Sequence[str], cache_path: Path, depth: int,
+def evaluate_curves(root: Path, keys: Sequence[str], rows: dict[str, dict[str, Optional[float]]], cache_path: Path,
                     make_scorer: Callable[[], Callable[[str, Path], float]]) -> dict[str, dict[int, float]]:
-    """``{key: {step: dev MRR}}`` for step 0 (:func:`start_point`) and every checkpoint of each key, scored by the
-    callable ``make_scorer()`` builds on first need; checkpoints already in ``cache_path`` (``{key: {checkpoint
-    name: MRR}}``) are not evaluated again."""
+    """``{key: {step: dev MRR}}``: step 0 is the start model's dev MRR in ``rows`` (:func:`gather`,
+    :func:`start_model`), then every checkpoint of each key, scored by the callable ``make_scorer()`` builds on
+    first need; checkpoints already in ``cache_path`` (``{key: {checkpoint name: MRR}}``) are not evaluated
+    again."""
     cache: dict[str, dict[str, float]] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     scorer = None
     curves: dict[str, dict[int, float]] = {}
     for key in keys:
         points: dict[int, float] = {}
-        start = start_point(root, key, depth)
+        start = rows.get(start_model(root, key) or "", {}).get("dev_mrr")
         if start is not None:
             points[0] = start
         for step, checkpoint in checkpoint_steps(training_folder(root, key)):
@@ -315,7 +308,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     make_scorer = functools.partial(CheckpointScorer, root, out / "curves", args.task, args.query_length,
                                     args.adore_query_length, args.doc_length, args.batch_size, args.no_cuda)
-    curves = evaluate_curves(root, args.curves, out / "curves.json", mrr_depth(args.task), make_scorer)
+    curves = evaluate_curves(root, args.curves, rows, out / "curves.json", make_scorer)
     losses = {key: read_loss(training_folder(root, key) / "log") for key in TABLE_KEYS}
     plotted = plot_curves(losses, curves, mrr_depth(args.task), out / "curves.png")
 
