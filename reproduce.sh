@@ -95,9 +95,9 @@ ADORE_BATCH=${ADORE_BATCH:-32}
 ADORE_STEPS=${ADORE_STEPS:-0}
 BASELINE_INIT=${BASELINE_INIT:-}
 if [[ $KIND == passage ]]; then
-  METRIC_CUT=${METRIC_CUT:-200}; DOC_LEN=256; TRAIN_DOC_LEN=120; MRR_CUT=10
+  METRIC_CUT=${METRIC_CUT:-200}; DOC_LEN=256; TRAIN_DOC_LEN=120
 else
-  METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=512; TRAIN_DOC_LEN=512; MRR_CUT=100
+  METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=512; TRAIN_DOC_LEN=512
 fi
 
 if [[ -n $THREADS ]]; then
@@ -169,6 +169,13 @@ star_train() {
 TRAIN_ARGS=(--optimizer_str lamb --learning_rate "$LR" --warmup_steps "$LR_WARMUP" --num_train_epochs 100
             --stop_after_steps "$STEPS" --per_device_train_batch_size "$BATCH" --save_steps "$SAVE_STEPS"
             --logging_steps "$(( SAMPLE == 1 ? 5 : 50 ))")
+# the warm-up's optimisation (sample: AdamW from the random init; doc: Lamb with the task's schedule)
+if [[ $SAMPLE == 1 ]]; then
+  WARMUP_ARGS=(--optimizer_str adamw --learning_rate "$WARMUP_LR" --warmup_steps 10 --logging_steps 5)
+else
+  WARMUP_ARGS=(--optimizer_str lamb --learning_rate "$WARMUP_LR" --warmup_steps "$LR_WARMUP" --save_steps "$SAVE_STEPS")
+fi
+WARMUP_ARGS+=(--max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH")
 
 # ------------------------------------------------------------------------------------------------------------
 # Stages
@@ -202,8 +209,7 @@ preprocess() {
 
 # The warm-up model that mines STAR's hard negatives.
 warmup_sample_passage() {   # Inbatch-Neg from the random init (stands in for ANCE's BM25 warm-up)
-  star_train "$WARMUP" inbatch "$WARMUP_INIT" --optimizer_str adamw --learning_rate "$WARMUP_LR" \
-    --warmup_steps 10 --max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
+  star_train "$WARMUP" inbatch "$WARMUP_INIT" "${WARMUP_ARGS[@]}"
 }
 
 warmup_passage() {          # the user supplies ANCE's checkpoint (original README)
@@ -224,12 +230,7 @@ warmup_doc() {              # DRhard issue #18: STAR loss with BM25 top-100 nega
   fi
   "$PY" -m star.prepare_hardneg --data_type doc --mode train --run_file "$run" --topk 100 \
     --preprocess_dir "$PRE" --output_dir "$ROOT/bm25_negatives" --overwrite
-  local opt=(--optimizer_str adamw --learning_rate "$WARMUP_LR" --warmup_steps 10 --max_steps "$WARMUP_TRAIN_STEPS"
-             --per_device_train_batch_size "$BATCH" --logging_steps 5)
-  [[ $SAMPLE == 0 ]] && opt=(--optimizer_str lamb --learning_rate "$WARMUP_LR" --warmup_steps "$LR_WARMUP"
-                             --max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH"
-                             --save_steps "$SAVE_STEPS")
-  star_train "$WARMUP" star "$WARMUP_INIT" --hardneg_path "$ROOT/bm25_negatives/hard.npy" "${opt[@]}"
+  star_train "$WARMUP" star "$WARMUP_INIT" --hardneg_path "$ROOT/bm25_negatives/hard.npy" "${WARMUP_ARGS[@]}"
 }
 
 baseline() {                # Inbatch-Neg (MODE inbatch) or Rand-Neg (MODE rand)

@@ -1,4 +1,4 @@
-"""Shared tiny inputs and subprocess helpers of test_faults.py and test_determinism.py."""
+"""Shared tiny inputs and subprocess helpers (test_faults.py, test_determinism.py, test_sample_learning.py)."""
 import hashlib
 import os
 import subprocess

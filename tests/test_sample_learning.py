@@ -1,24 +1,20 @@
 """Training learns on the bundled sample (issues #4 and #5): a short STAR run from a warm-up of the sample's model
-improves dev MRR@10 over that initialisation, and a short ADORE run from the STAR model it produced improves dev MRR@10 over
-the STAR model.  Every step is the real CLI, as ``reproduce.sh`` runs it, at small sizes (1 thread, CPU)."""
-import os
-import subprocess
-import sys
+improves dev MRR@10 over that initialisation, and a short ADORE run from the STAR model it produced improves dev
+MRR@10 over the STAR model.  Every step is the real CLI, as ``reproduce.sh`` runs it, at small sizes (1 thread,
+CPU)."""
 from pathlib import Path
 
 import pytest
 
 import sample_data
+from fault_helpers import run
 from msmarco_eval import evaluate_files
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 LENGTHS = ["--max_query_length", "24", "--max_doc_length", "64"]  # the sample's passages fit in 64 tokens
 
 
 def cli(module: str, *args: object) -> None:
-    done = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"{module}: {done.stderr[-3000:]}"
+    run(["-m", module, *args], timeout=600)
 
 
 def dev_mrr(pre: Path, rank_dir: Path) -> float:
@@ -33,7 +29,7 @@ def star_dev_mrr(model: Path, pre: Path, out: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory, repo_dir) -> dict:
+def sample(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("learning")
     sample_data.generate(root / "sample", seed=sample_data.DEFAULT_SEED)
     pre = root / "preprocess"
