@@ -1,7 +1,8 @@
-"""Convert a rank file from offsets back to official MS MARCO ids (spec §3.15).
+"""Convert a rank file from offsets back to official MS MARCO ids, as the original cvt_back.py.
 
-Reads ``{input_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank[\\tscore]``, as written by star/adore inference)
-and maps every offset through the safe id maps of ``--preprocess_dir`` (never the pickles):
+Reads ``{input_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank[\\tscore]``, as written by star/adore inference;
+line rules in :mod:`run_file`) and maps every offset through the safe id maps of ``--preprocess_dir`` (never the
+pickles the original inverted):
 
 * ``passages_ids.npy``: int64 ``[N]``, the official pid/docid of each passage/document offset;
 * ``{mode}-query_ids.npy``: int64 ``[Nq]``, the official qid of each query offset.
@@ -26,23 +27,10 @@ from typing import Optional
 import numpy as np
 
 from io_utils import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
-from msmarco_eval import iter_run_lines
+from run_file import iter_run, load_id_map
 
 MODES = ("train", "dev", "test", "lead")
 DEFAULT_TAG = "System"   # the run tag of the original test_trec_eval.py
-
-
-def load_id_map(path: PathLike) -> np.ndarray:
-    """A 1-D integer ``.npy`` id map (offset → official id), loaded without unpickling → int64 array."""
-    require_file(path, "id map")
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError) as e:
-        raise InputError(f"not a plain .npy array ({e})", path=path) from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError("expected a 1-D integer array of official ids", path=path,
-                         value=f"{ids.dtype} {ids.shape}")
-    return ids.astype(np.int64, copy=False)
 
 
 def _official(ids: np.ndarray, offset: int, what: str, path: PathLike, line: int) -> int:
@@ -66,7 +54,7 @@ def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.nda
     prefix = "D" if doc else ""
     lines = 0
     with atomic_output(out_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
-        for number, qoff, poff, rank, score in iter_run_lines(rank_path, ids="int"):
+        for number, qoff, poff, rank, score in iter_run(rank_path, "int", "rank file"):
             if rank is None:
                 raise InputError("expected an offset rank file (qoffset poffset rank [score]), not a TREC run",
                                  path=rank_path, line=number)

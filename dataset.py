@@ -1,4 +1,5 @@
-"""Token-id memmaps → training and encoding batches (spec §3.4, §3.8, §3.11, §5.1–§5.3).
+"""Token-id memmaps → training and encoding batches: the readers of the preprocessed files and the datasets and
+collators of the original dataset.py, star/train.py and adore/train.py.
 
 Files read here (all written by ``preprocess.py`` / ``star/prepare_hardneg.py``)
 ------------------------------------------------------------------------------
@@ -19,7 +20,6 @@ depends only on (seed, epoch, index): not on the DataLoader worker, the process,
 """
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from io_utils import InputError, PathLike, iter_lines, parse_int, require_file
+from io_utils import InputError, PathLike, iter_lines, parse_int, read_json, require_file
+from run_file import iter_run
 
 RelDict = Mapping[int, Sequence[int]]
 
@@ -99,8 +100,8 @@ class TokenIdsCache:
 
 def _read_meta(path: Path) -> tuple[np.dtype, int, int]:
     """Parse a ``{prefix}_meta`` JSON into (dtype, total_number, embedding_size)."""
+    meta = read_json(path, "token meta file")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(meta["type"])
         n, width = int(meta["total_number"]), int(meta["embedding_size"])
     except (ValueError, TypeError, KeyError) as e:
@@ -208,17 +209,13 @@ def load_rel_graded(path: PathLike) -> dict[int, dict[int, int]]:
 
 
 def load_rank(path: PathLike) -> dict[int, list[int]]:
-    """``qoffset poffset rank [score]`` lines → ``{qoffset: [poffset, ...]}`` in file order."""
+    """An offset rank file (``qoffset poffset rank [score]``, read by :func:`run_file.iter_run`, whose rules it
+    follows) → ``{qoffset: [poffset, ...]}`` in file order.  A TREC run is refused: its order is not the file's."""
     ranking: dict[int, list[int]] = {}
-    for number, fields in _iter_fields(path, (3, 4), "rank file"):
-        q = parse_int(fields[0], path, number, "query offset")
-        p = parse_int(fields[1], path, number, "passage offset")
-        parse_int(fields[2], path, number, "rank")
-        if len(fields) == 4:
-            try:
-                float(fields[3])
-            except ValueError:
-                raise InputError("score is not a number", path=path, line=number, value=fields[3]) from None
+    for number, q, p, rank, _ in iter_run(path, ids="int", what="rank file"):
+        if rank is None:
+            raise InputError("expected a rank file (qoffset poffset rank [score]), found a TREC run", path=path,
+                             line=number)
         ranking.setdefault(q, []).append(p)
     return ranking
 
@@ -255,10 +252,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _hardneg_from_json(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"not valid JSON ({e})", path=path) from None
+    obj = read_json(path, "hard negatives file", expect=None)
     if not isinstance(obj, dict):
         raise InputError("expected a JSON object {\"qoffset\": [poffset, ...]}", path=path)
     lists = list(obj.values())
@@ -366,6 +360,10 @@ class SequenceCollator:
         self.full_pad_batches = full_pad_batches
         self.batches_seen = 0
 
+    def mark_batches_seen(self, n: int) -> None:
+        """Resume: ``n`` batches were already collated (so the first ``full_pad_batches`` are not padded again)."""
+        self.batches_seen = n
+
     def next_batch_full(self) -> bool:
         """Count one batch; True if it must be padded to ``max_len``."""
         full = self.padding or self.batches_seen < self.full_pad_batches
@@ -441,7 +439,7 @@ class TrainQueryDataset(Dataset):
 
 
 class TrainInbatchDataset(TrainQueryDataset):
-    """(query, one positive) pairs for in-batch-negative training (§5.1); subclasses add extra documents.
+    """(query, one positive) pairs for in-batch-negative training; subclasses add extra documents.
 
     Item: ``{"qid": int, "query_ids": list[int], "pos_id": int, "doc_ids": list[int], "extra_ids": list[int],
     "extra_doc_ids": list[list[int]]}``: the query offset and its tokens (truncated to ``max_query_length``),
@@ -486,7 +484,7 @@ class TrainInbatchDataset(TrainQueryDataset):
 
 
 class TrainInbatchWithHardDataset(TrainInbatchDataset):
-    """STAR (§5.3): each item also brings ``hard_num`` static hard negatives, sampled uniformly without
+    """STAR: each item also brings ``hard_num`` static hard negatives, sampled uniformly without
     replacement from the query's k mined negatives (which exclude its positives; not re-filtered).
 
     ``hardneg`` is ``(qoffsets, negs)`` from :func:`load_hardneg` or a :class:`HardNegatives`.  Every training
@@ -516,7 +514,7 @@ class TrainInbatchWithHardDataset(TrainInbatchDataset):
 
 
 class TrainInbatchWithRandDataset(TrainInbatchDataset):
-    """Rand-Neg (§5.2): each item also brings ``rand_num`` offsets drawn uniformly (with replacement) from the
+    """Rand-Neg: each item also brings ``rand_num`` offsets drawn uniformly (with replacement) from the
     whole corpus; positives are not filtered here (the collator's masks handle them)."""
 
     def __init__(self, rel_dict: RelDict, query_cache: TokenIdsCache, doc_cache: TokenIdsCache,
@@ -568,6 +566,11 @@ class TrainCollator:
         self.queries = SequenceCollator(max_query_length, pad_token_id, padding, full_pad_batches)
         self.docs = SequenceCollator(max_doc_length, pad_token_id, padding, full_pad_batches)
         self.rel_dict = rel_dict
+
+    def mark_batches_seen(self, n: int) -> None:
+        """Resume: ``n`` batches were already collated (see :meth:`SequenceCollator.mark_batches_seen`)."""
+        self.queries.mark_batches_seen(n)
+        self.docs.mark_batches_seen(n)
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         query_full, doc_full = self.queries.next_batch_full(), self.docs.next_batch_full()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download MS MARCO (passage and document ranking), the TREC DL 2019 test qrels and the roberta-base tokenizer
-# files into DIR/{passage,doc}/dataset and DIR/roberta-base (spec §3.1).
+# files into DIR/{passage,doc}/dataset and DIR/roberta-base (the files the original download_data.sh fetches).
 #
 # Usage:  bash download_data.sh [passage|doc|tokenizer|all] [--dir DIR]      (default: all, DIR=data)
 #

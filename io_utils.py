@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,6 +47,20 @@ def require_file(path: PathLike, what: str = "input file") -> Path:
     if not p.is_file():
         raise InputError(f"{what} not found", path=p)
     return p
+
+
+def read_json(path: PathLike, what: str = "JSON file", expect: Optional[type] = dict) -> Any:
+    """The JSON value stored in ``path`` (UTF-8).  A missing file, text that does not parse, or (with ``expect``)
+    a value of another type raises :class:`InputError` naming the file."""
+    p = require_file(path, what)
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{what} is not valid JSON ({e})", path=p) from None
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
+        raise InputError(f"{what} is not a JSON {kind}", path=p)
+    return value
 
 
 def iter_lines(path: PathLike, what: str = "input file") -> Iterator[tuple[int, str]]:
@@ -187,6 +202,15 @@ def refuse_existing(path: PathLike, overwrite: bool, flag: str = "--overwrite") 
     """Raise :class:`InputError` if ``path`` exists and ``overwrite`` is false."""
     if Path(path).exists() and not overwrite:
         raise InputError(f"output already exists; pass {flag} to replace it", path=path)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(main_process: bool = True) -> None:
+    """The scripts' console logging: INFO lines with time and logger name; WARNING only on the other ranks of a
+    torchrun job, so that one process reports progress."""
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format=LOG_FORMAT)
 
 
 def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None) -> None:

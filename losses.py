@@ -1,4 +1,5 @@
-"""Training losses of Inbatch-Neg, Rand-Neg, STAR and ADORE (spec §5) as pure functions of embeddings and masks.
+"""Training losses of Inbatch-Neg, Rand-Neg, STAR and ADORE (as the original star/train.py and adore/train.py compute
+them) as pure functions of embeddings and masks.
 
 Every loss casts its inputs to float32 (the original computes scores and losses outside autocast) and uses
 ``softplus(x) = log(1 + e^x)`` in its numerically stable form (``torch.nn.functional.softplus``), so large
@@ -38,7 +39,7 @@ def _positive_scores(q: Tensor, d: Tensor) -> Tensor:
 
 
 def inbatch_loss(q: Tensor, d: Tensor, rel_pair_mask: Tensor) -> Tensor:
-    """Inbatch-Neg (§5.1): pairwise logistic loss of each query against the other queries' positives.
+    """Inbatch-Neg: pairwise logistic loss of each query against the other queries' positives.
 
     Inputs: ``q`` [B, D] query embeddings, ``d`` [B, D] their positive docs (row i is q_i's positive),
     ``rel_pair_mask`` [B, B] with M_ij = 1 when d_j is NOT relevant to q_i (so M_ii = 0)::
@@ -51,7 +52,7 @@ def inbatch_loss(q: Tensor, d: Tensor, rel_pair_mask: Tensor) -> Tensor:
 
 
 def randneg_loss(q: Tensor, d: Tensor, rand_docs: Tensor, rand_pair_mask: Tensor) -> Tensor:
-    """Rand-Neg (§5.2): each query against ALL random docs of the batch (in-batch positives not used).
+    """Rand-Neg: each query against ALL random docs of the batch (in-batch positives not used).
 
     Inputs: ``q``, ``d`` [B, D] as in :func:`inbatch_loss`; ``rand_docs`` [B·R, D] random docs r_k;
     ``rand_pair_mask`` [B, B·R] with N_ik = 1 when r_k is NOT relevant to q_i. With t_ik = q_i · r_k::
@@ -64,7 +65,7 @@ def randneg_loss(q: Tensor, d: Tensor, rand_docs: Tensor, rand_pair_mask: Tensor
 
 
 def star_loss(q: Tensor, d: Tensor, hard_docs: Tensor, rel_pair_mask: Tensor, hard_pair_mask: Tensor) -> Tensor:
-    """STAR (§5.3): in-batch negatives plus ALL static hard negatives of the batch, one pooled mean, no α.
+    """STAR: in-batch negatives plus ALL static hard negatives of the batch, one pooled mean, no α.
 
     Inputs: ``q``, ``d``, ``rel_pair_mask`` as in :func:`inbatch_loss`; ``hard_docs`` [B·H, D] hard negatives
     h_k; ``hard_pair_mask`` [B, B·H] with N_ik = 1 when h_k is NOT relevant to q_i. With u_ik = q_i · h_k::
@@ -80,7 +81,7 @@ def star_loss(q: Tensor, d: Tensor, hard_docs: Tensor, rel_pair_mask: Tensor, ha
     ])
 
 
-# -- ADORE (§5.4) ------------------------------------------------------------------------------------------
+# -- ADORE ------------------------------------------------------------------------------------------
 
 def _check_cut(metric_cut: int) -> int:
     if isinstance(metric_cut, bool) or not isinstance(metric_cut, Integral) or metric_cut <= 0:
@@ -106,7 +107,7 @@ def adore_pair_weights(n_items: int, metric_cut: int, device: Union[str, torch.d
 
 
 def adore_query_loss(scores: Tensor, labels: Tensor, metric_cut: int) -> Tensor:
-    """ADORE loss of one query (§5.4), positions = list order (1-based; appended positives come last).
+    """ADORE loss of one query, positions = list order (1-based; appended positives come last).
 
     Inputs: ``scores`` [n] f_r = q · e(p_r) for the retrieved list (plus any appended positives),
     ``labels`` [n] bool y_r (True = relevant)::
@@ -140,7 +141,7 @@ def _pad(rows: Union[Tensor, Sequence[Tensor]], fill: float | bool) -> tuple[Ten
 
 def adore_batch_loss(scores: Union[Tensor, Sequence[Tensor]], labels: Union[Tensor, Sequence[Tensor]],
                      metric_cut: int, divisor: float, lengths: Tensor | None = None) -> Tensor:
-    """ADORE batch loss (§5.4): ``Σ_q loss_q / divisor`` (``loss_q`` as in :func:`adore_query_loss`).
+    """ADORE batch loss: ``Σ_q loss_q / divisor`` (``loss_q`` as in :func:`adore_query_loss`).
 
     ``scores``/``labels``: a list of per-query 1-D tensors (any lengths), or left-aligned padded tensors
     [B, n] with optional ``lengths`` [B] (entries at column ≥ length are ignored; default: all valid).

@@ -1,6 +1,6 @@
 """The dual encoder of STAR/ADORE (``RobertaDot``): one shared transformer for queries and documents.
 
-Embedding (faithful, spec §3.5)::
+Embedding (faithful to the original model.py's ``RobertaDot_NLL_LN``)::
 
     e = LayerNorm(Linear(h[:, 0]))          # h = last_hidden_state, LayerNorm eps = 1e-5 (torch default)
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, AutoModel, PretrainedConfig
 
-from io_utils import InputError, PathLike, atomic_output, atomic_write_text, require_file
+from io_utils import InputError, PathLike, atomic_output, atomic_write_text, read_json, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +152,15 @@ class DenseEncoder(torch.nn.Module):
         """Size of the returned embeddings."""
         return self._output_dim
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id batches are padded with: the config's ``pad_token_id``, else RoBERTa's 1 (with a warning)."""
+        pad = getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            logger.warning("the model config has no pad_token_id; padding with 1 (RoBERTa's)")
+            return 1
+        return int(pad)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings ``float32 [B, output_dim]`` of right-padded token ids (fp32 even under autocast)."""
         backbone = getattr(self, self.backbone_prefix)
@@ -219,12 +227,7 @@ def _load_config(folder: Path) -> PretrainedConfig:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError("config.json not found in the model folder", path=folder)
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"config.json is not valid JSON: {e}", path=config_path) from None
-    if not isinstance(raw, dict):
-        raise InputError("config.json is not a JSON object", path=config_path)
+    raw = read_json(config_path, "config.json")
     if raw.get("model_type"):
         try:
             return AutoConfig.from_pretrained(str(folder))
@@ -281,12 +284,11 @@ def _sentence_transformers_settings(folder: Path) -> tuple[Optional[str], bool]:
         modules_path = root / "modules.json"
         if not modules_path.is_file():
             continue
-        try:
-            modules = json.loads(modules_path.read_text(encoding="utf-8"))
-            paths = [str(m.get("path", "")) for m in modules]
-            types = [str(m.get("type", "")) for m in modules]
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-            raise InputError(f"cannot read modules.json: {e}", path=modules_path) from None
+        modules = read_json(modules_path, "modules.json", expect=list)
+        if not all(isinstance(m, dict) for m in modules):
+            raise InputError("modules.json is not a list of module objects", path=modules_path)
+        paths = [str(m.get("path", "")) for m in modules]
+        types = [str(m.get("type", "")) for m in modules]
         if root != folder and folder.name not in paths:
             continue
         normalize = any(t.endswith("Normalize") for t in types)
@@ -298,12 +300,7 @@ def _sentence_transformers_settings(folder: Path) -> tuple[Optional[str], bool]:
 
 def _st_pooling(path: Path) -> str:
     """Map a sentence-transformers Pooling config onto "mean" / "first"."""
-    if not path.is_file():
-        raise InputError("pooling config listed in modules.json not found", path=path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read the pooling config: {e}", path=path) from None
+    cfg = read_json(path, "pooling config listed in modules.json")
     modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True)
     if modes == ["pooling_mode_mean_tokens"]:
         return "mean"

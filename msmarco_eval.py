@@ -1,4 +1,5 @@
-"""MS MARCO evaluation (spec §3.13), plus recall, precision, MAP and nDCG computed exactly as ``trec_eval -c``.
+"""MS MARCO evaluation: the original msmarco_eval.py's MRR@N, plus recall, and precision, MAP and nDCG computed
+exactly as ``trec_eval -c``.
 
 Usage (the original's command line is unchanged)::
 
@@ -19,13 +20,14 @@ Input files (fields split on any whitespace; blank lines skipped; CRLF and a UTF
 * Reference (qrels), 4 columns ``qid ITER docid grade``: the preprocessed ``{split}-qrel.tsv``
   (``qoffset\\t0\\tpoffset\\trel``), the official ``qrels.dev.small.tsv`` (tabs), TREC qrels (spaces, ``Q0``), the
   document qrels (``D`` ids).  ITER is ignored.  A pair judged twice keeps its highest grade (with a warning).
-* Candidate (run), detected from the column count of the first line:
-  3 ``qid docid rank`` (the original rank file), 4 ``qid docid rank score`` (``--with_scores``), or
-  6 ``qid Q0 docid rank score tag`` (TREC run).  In a rank file (3/4 columns) the rank column is the position:
-  ranks are 1-based, at most ``max_rank`` (the original's 1000 slots), and a (qid, rank) pair given twice is an
-  error.  In a TREC run the rank column is ignored, as trec_eval does: positions come from the trec_eval order.
-* Ids: ``ids="int"`` (default; qid and docid are integers), ``"doc"`` (docids are ``D`` + integer, the original's
-  ``doc`` argument; the prefix is removed), ``"str"`` (any token, e.g. ``CACM-1410``; trec_eval semantics).
+* Candidate (run): a rank file ``qid docid rank [score]`` (the original's) or a TREC run
+  ``qid Q0 docid rank score tag``, read by :mod:`run_file` (formats and line rules there).  In a rank file the
+  rank column is the position, at most ``max_rank`` (the original's 1000 slots), and a (qid, rank) pair given
+  twice is an error (the original silently kept the later line).  In a TREC run the rank column is ignored, as
+  trec_eval does: positions come from the trec_eval order.
+* Ids (the qrels' and the candidate's): ``ids="int"`` (default; qid and docid are integers), ``"doc"`` (docids are
+  ``D`` + integer, the original's ``doc`` argument; the prefix is removed), ``"str"`` (any token, e.g.
+  ``CACM-1410``; trec_eval semantics).
 
 Definitions (``T`` = ``rel_threshold``, default 1; a judgment is *relevant* when its grade >= T)
 ---------------------------------------------------------------------------------------------------
@@ -67,15 +69,14 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterator, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 from io_utils import InputError, PathLike, iter_lines, parse_int, run_cli
+from run_file import check_ids, iter_run, parse_docid, parse_qid, trec_eval_order
 
 MAX_RANK = 1000          # slots per query in the original's candidate table
 DEFAULT_CUTOFF = 10      # MRR@10
 DOC_CUTOFF = 100         # `doc` mode: MRR@100
-ID_KINDS = ("int", "doc", "str")
-RUN_FORMATS = {3: "qid docid rank", 4: "qid docid rank score", 6: "qid Q0 docid rank score tag (TREC)"}
 METRIC_RE = re.compile(r"^(?:(MRR|R|P|nDCG)@([1-9][0-9]*)|(MAP))$")
 BLOCK_RULE = "#####################"
 
@@ -98,15 +99,10 @@ class Ranking:
         """The scores, 1/rank where the file had none (the original ``test_trec_eval.py``)."""
         return self.scores if self.scores is not None else [1.0 / r for r in self.ranks]
 
-    def trec_sorted(self) -> list[tuple[float, str, Hashable]]:
-        """``(score, docno, docid)`` in trec_eval order: score descending, ties by docno (the id as text)
-        descending."""
-        return sorted(zip(self.score_list(), map(str, self.docids), self.docids), key=lambda t: t[:2],
-                      reverse=True)
-
     def trec_order(self) -> list:
-        """Docids in trec_eval order (:meth:`trec_sorted`), each docid once, at its first position."""
-        return list(dict.fromkeys(docid for _, _, docid in self.trec_sorted()))
+        """Docids in trec_eval order (score descending, ties by the id as text descending), each docid once, at
+        its first position."""
+        return list(dict.fromkeys(self.docids[i] for i in trec_eval_order(self.score_list(), self.docids).tolist()))
 
 
 Run = dict[Hashable, Ranking]
@@ -116,42 +112,13 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _check_ids(ids: str) -> None:
-    if ids not in ID_KINDS:
-        raise ValueError(f"ids must be one of {ID_KINDS}, got {ids!r}")
-
-
-def _parse_qid(text: str, ids: str, path: PathLike, line: int) -> Hashable:
-    return text if ids == "str" else parse_int(text, path, line, "query id")
-
-
-def _parse_docid(text: str, ids: str, path: PathLike, line: int) -> Hashable:
-    if ids == "str":
-        return text
-    if ids == "doc":
-        if not text.startswith("D"):
-            raise InputError("document id lacks the 'D' prefix of doc mode", path=path, line=line, value=text)
-        text = text[1:]
-    return parse_int(text, path, line, "document id")
-
-
-def _parse_score(text: str, path: PathLike, line: int) -> float:
-    try:
-        score = float(text)
-    except ValueError:
-        score = math.nan
-    if not math.isfinite(score):
-        raise InputError("score is not a finite number", path=path, line=line, value=text)
-    return score
-
-
 def load_reference(path: PathLike, ids: str = "int") -> Qrels:
     """Read qrels (``qid ITER docid grade``) → ``{qid: {docid: grade}}``, every judgment kept whatever its grade.
 
     Raises :class:`InputError` on a line without 4 fields, a non-integer id (``ids`` "int"/"doc") or grade, a
     missing ``D`` prefix (``ids="doc"``), or a file with no judgment.  A pair judged twice keeps its highest grade.
     """
-    _check_ids(ids)
+    check_ids(ids)
     qrels: Qrels = {}
     repeated = 0
     for number, line in iter_lines(path, "reference file"):
@@ -161,8 +128,8 @@ def load_reference(path: PathLike, ids: str = "int") -> Qrels:
         if len(parts) != 4:
             raise InputError(f"expected 4 fields (qid iter docid grade), found {len(parts)}", path=path,
                              line=number, value=line)
-        qid = _parse_qid(parts[0], ids, path, number)
-        docid = _parse_docid(parts[2], ids, path, number)
+        qid = parse_qid(parts[0], ids, path, number)
+        docid = parse_docid(parts[2], ids, path, number)
         grade = parse_int(parts[3], path, number, "relevance grade", allow_negative=True)
         judged = qrels.setdefault(qid, {})
         if docid in judged:
@@ -176,53 +143,8 @@ def load_reference(path: PathLike, ids: str = "int") -> Qrels:
     return qrels
 
 
-def iter_run_lines(path: PathLike, ids: str = "int") -> Iterator[tuple[int, Hashable, Hashable, Optional[int],
-                                                                         Optional[float]]]:
-    """Yield ``(line number, qid, docid, rank, score)`` for each line of a run file (3, 4 or 6 columns, see the
-    module docstring), validated.  ``rank`` is ``None`` for TREC lines (trec_eval ignores that column); otherwise
-    an integer >= 1.  ``score`` is ``None`` for 3-column lines.  Every line must have the first line's format.
-    """
-    _check_ids(ids)
-    n_fields = None
-    for number, line in iter_lines(path, "candidate file"):
-        parts = line.split()
-        if not parts:
-            continue
-        if n_fields is None:
-            if len(parts) not in RUN_FORMATS:
-                formats = ", ".join(f"{n} ({fmt})" for n, fmt in RUN_FORMATS.items())
-                raise InputError(f"expected {formats} fields, found {len(parts)}", path=path, line=number,
-                                 value=line)
-            n_fields = len(parts)
-        elif len(parts) != n_fields:
-            raise InputError(f"expected {n_fields} fields like the first line ({RUN_FORMATS[n_fields]}), "
-                             f"found {len(parts)}", path=path, line=number, value=line)
-        if ids == "int" and n_fields != 6:      # fast path for the big MS MARCO rank files
-            try:
-                qid, docid, rank = int(parts[0]), int(parts[1]), int(parts[2])
-            except ValueError:
-                qid = docid = rank = -1          # the slow path below reports the bad field
-            if qid >= 0 and docid >= 0 and rank >= 1:
-                yield number, qid, docid, rank, (_parse_score(parts[3], path, number) if n_fields == 4 else None)
-                continue
-        yield (number, *_parse_run_fields(parts, ids, path, number))
-
-
-def _parse_run_fields(parts: list[str], ids: str, path: PathLike,
-                      number: int) -> tuple[Hashable, Hashable, Optional[int], Optional[float]]:
-    """``(qid, docid, rank, score)`` of one run line with the number of fields checked; see iter_run_lines."""
-    qid = _parse_qid(parts[0], ids, path, number)
-    if len(parts) == 6:
-        return qid, _parse_docid(parts[2], ids, path, number), None, _parse_score(parts[4], path, number)
-    docid = _parse_docid(parts[1], ids, path, number)
-    rank = parse_int(parts[2], path, number, "rank")
-    if rank < 1:
-        raise InputError("ranks are 1-based", path=path, line=number, value=parts[2])
-    return qid, docid, rank, (_parse_score(parts[3], path, number) if len(parts) == 4 else None)
-
-
 def load_candidate(path: PathLike, ids: str = "int", max_rank: int = MAX_RANK) -> Run:
-    """Read a run file → ``{qid: Ranking}`` in file order (see the module docstring for the formats).
+    """Read a run file (:func:`run_file.iter_run`) → ``{qid: Ranking}`` in file order.
 
     Raises :class:`InputError` on a malformed line, a rank past ``max_rank``, a (qid, rank) pair given twice, or
     an empty file.  A docid listed twice for a query is only a warning (the original printed a message).
@@ -230,7 +152,7 @@ def load_candidate(path: PathLike, ids: str = "int", max_rank: int = MAX_RANK) -
     run: Run = {}
     taken: dict[Hashable, bytearray] = {}    # per query, 1 at each rank already given
     is_trec = False
-    for number, qid, docid, rank, score in iter_run_lines(path, ids):
+    for number, qid, docid, rank, score in iter_run(path, ids, "candidate file"):
         ranking = run.get(qid)
         if ranking is None:
             ranking = run[qid] = Ranking(scores=None if score is None else [])
@@ -261,9 +183,9 @@ def load_candidate(path: PathLike, ids: str = "int", max_rank: int = MAX_RANK) -
 
 def _trec_positions(ranking: Ranking) -> Ranking:
     """A TREC run's ranking re-sorted into trec_eval order, with positions 1..n as its ranks."""
-    order = ranking.trec_sorted()
-    return Ranking(docids=[d for _, _, d in order], ranks=list(range(1, len(order) + 1)),
-                   scores=[s for s, _, _ in order])
+    order = trec_eval_order(ranking.scores, ranking.docids).tolist()
+    return Ranking(docids=[ranking.docids[i] for i in order], ranks=list(range(1, len(order) + 1)),
+                   scores=[ranking.scores[i] for i in order])
 
 
 def _warn_repeated_docids(run: Run, path: PathLike) -> None:

@@ -1,4 +1,5 @@
-"""Tokenize MS MARCO passages/documents and queries once, into int32 memmaps (spec §3.2–§3.3, §4).
+"""Tokenize MS MARCO passages/documents and queries once, into int32 memmaps, as the original preprocess.py
+(with its vendored transformers-2.8 RobertaTokenizer) does.
 
 Usage (from the repository root; the tokenizer must be a local folder, nothing is downloaded)::
 

@@ -34,6 +34,7 @@
 #   SAVE_STEPS=60 | 5000    checkpoint interval (also the points of the dev-MRR curves)
 #   WARMUP_TRAIN_STEPS=132 | doc: 10000 steps of the warm-up training (sample: in-batch negatives from the
 #                           random init, AdamW 1e-3; doc: STAR loss with BM25 negatives)
+#   WARMUP_LR=1e-3 | 1e-4   learning rate of the warm-up training (sample: AdamW; doc: Lamb)
 #   WARMUP_INIT=            doc warm-up initialisation (doc: data/passage/train/star; sample-doc: the init model)
 #   BASELINE_INIT=          initialisation of Inbatch-Neg and Rand-Neg (default: the warm-up model)
 #   TOPK=20 | 200           hard negatives mined per training query
@@ -43,6 +44,7 @@
 #   METRIC_CUT=200 | doc: 10   ADORE's depth cut (passage: README; doc: not published, JPQ's value)
 #   CURVES=all | adore      which checkpoints results_table.py evaluates on dev for the curves (none: skip)
 #   SAMPLE_SEED=13          seed of the generated sample
+#   TOKENIZER=DATA/roberta-base   real tasks: folder with the roberta-base vocab.json + merges.txt
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -145,18 +147,8 @@ stage() {
   echo "=== [$TASK] $name: finished in $((SECONDS - start)) s"
 }
 
-# latest_checkpoint DIR: DIR/checkpoint-<largest step>
-latest_checkpoint() {
-  local best="" step max=-1 path
-  for path in "$1"/checkpoint-*; do
-    [[ -d $path ]] || continue
-    step=${path##*checkpoint-}
-    [[ $step =~ ^[0-9]+$ ]] || continue
-    if (( step > max )); then max=$step; best=$path; fi
-  done
-  [[ -n $best ]] || { echo "no checkpoint-* in $1" >&2; return 1; }
-  echo "$best"
-}
+# latest_checkpoint DIR: DIR/checkpoint-<largest step> (fails with "no checkpoint-* in DIR" when there is none)
+latest_checkpoint() { "$PY" -m checkpoint_paths "$1"; }
 
 # star_train OUT MODE INIT [EXTRA ARGS...]: star/train.py with the task's lengths (resumes an interrupted run)
 star_train() {

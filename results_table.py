@@ -37,6 +37,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from checkpoint_paths import checkpoint_step, list_checkpoints
 from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 from msmarco_eval import evaluate_files
 
@@ -46,7 +47,6 @@ NAMES = {"warmup": "Warm-up", "inbatch": "Inbatch-Neg", "rand": "Rand-Neg", "sta
 TABLE_KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-star")
 COMPARISONS = (("adore-inbatch", "inbatch"), ("adore-rand", "rand"), ("adore-star", "star"), ("star", "inbatch"))
 LOSS_TAGS = ("loss", "train/all_loss")   # star/train.py, adore/train.py
-CHECKPOINT_PREFIX = "checkpoint-"
 SEARCH_DEPTH = 100
 
 
@@ -123,16 +123,6 @@ def comparison_lines(comparisons: list[dict[str, Any]]) -> str:
 # Dev curves: every saved checkpoint on dev
 # ==============================================================================================================
 
-def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
-    """``[(step, path)]`` of ``folder/checkpoint-<step>`` in step order."""
-    found = []
-    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
 def training_folder(root: Path, key: str) -> Path:
     return root / "adore_train" / key[len("adore-"):] if key.startswith("adore-") else root / "train" / key
 
@@ -200,14 +190,14 @@ def evaluate_curves(root: Path, keys: Sequence[str], rows: dict[str, dict[str, O
         start = rows.get(start_model(root, key) or "", {}).get("dev_mrr")
         if start is not None:
             points[0] = start
-        for step, checkpoint in checkpoint_steps(training_folder(root, key)):
+        for checkpoint in list_checkpoints(training_folder(root, key)):
             done = cache.setdefault(key, {})
             if checkpoint.name not in done:
                 scorer = scorer or make_scorer()
                 print(f"curves: {NAMES[key]} {checkpoint.name} on dev ...", flush=True)
                 done[checkpoint.name] = scorer(key, checkpoint)
                 atomic_write_json(cache_path, cache)
-            points[step] = done[checkpoint.name]
+            points[checkpoint_step(checkpoint)] = done[checkpoint.name]
         curves[key] = dict(sorted(points.items()))
     return curves
 

@@ -1,9 +1,9 @@
-"""ADORE inference (spec §3.12): encode a query split with an ADORE query encoder, search the frozen STAR
-document embeddings (``--dmemmap_path``, row = offset) exactly by inner product, and write
+"""ADORE inference, as the original adore/inference.py: encode a query split with an ADORE query encoder, search
+the frozen STAR document embeddings (``--dmemmap_path``, row = offset) exactly by inner product, and write
 ``{output_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank``).
 
 The query embeddings go to ``{output_dir}/{mode}.qembed.memmap`` (float32 ``[Nq, dim]``; dim is the model's,
-not a hard-coded 768 as in the original, spec §10.15).  The document memmap is checked against that dim.
+not the 768 that the original hard-codes).  The document memmap is checked against that dim.
 
 Example (README): ``python adore/inference.py --model_dir data/passage/trained_models/adore-star
 --output_dir data/passage/evaluate/adore-star --preprocess_dir data/passage/preprocess --mode dev
@@ -12,14 +12,12 @@ Example (README): ``python adore/inference.py --model_dir data/passage/trained_m
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 import retrieve_utils as ru
-from io_utils import refuse_existing, run_cli
+from io_utils import configure_logging, refuse_existing, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pergpu_eval_batch_size", type=int, default=32,
                         help="encoding batch size per GPU (default %(default)s)")
     parser.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
-    ru.add_encoding_args(parser)
-    ru.add_search_args(parser, topk=100)
+    ru.add_inference_args(parser, topk=100)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     output_dir = Path(args.output_dir)
     rank_path = output_dir / f"{args.mode}.rank.tsv"
     refuse_existing(rank_path, args.overwrite)
@@ -52,9 +49,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,
                               output_dir / f"{args.mode}.qembed.memmap", batch_size=args.pergpu_eval_batch_size,
                               device=device, pad_token_id=pad, amp=args.amp, overwrite=args.overwrite)
-    scores, ids = ru.exact_search(docs, queries, args.topk, gpus=args.faiss_gpus, mem_gb=args.search_mem_gb)
-    lines = ru.write_rank_file(rank_path, np.arange(len(queries)), ids, scores if args.with_scores else None)
-    logging.getLogger(__name__).info("wrote %d lines to %s", lines, rank_path)
+    ru.rank_queries(docs, queries, args.topk, rank_path, args.faiss_gpus, args.search_mem_gb, args.with_scores)
 
 
 if __name__ == "__main__":

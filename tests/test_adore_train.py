@@ -1,11 +1,11 @@
 """adore/train.py and the training-time index of retrieve_utils on CPU: labels and appended positives on hand-built
-embeddings, the loss against the §5.4 formula written with loops, the tensor index (fp32 and certified fast) against
-faiss, --metric_cut resolution, CLI runs (epoch folder, TensorBoard, frozen embeddings) and exact resume."""
+embeddings, the loss against ADORE's formula (the original adore/train.py) written with loops, the tensor index
+(fp32 and certified fast) against faiss, --metric_cut resolution, CLI runs (epoch folder, TensorBoard, frozen
+embeddings) and exact resume."""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,10 @@ import torch
 import retrieve_utils as ru
 from adore import train as adore_train
 from io_utils import InputError, run_cli
+from helpers import ADORE_DIM as DIM, AdoreData, adore_cli_args, load_weights, make_adore_data
+from helpers import read_scalars
 from losses import adore_batch_loss
-from test_star_train import write_cache
 
-N_DOCS, N_QUERIES, VOCAB, DIM = 60, 12, 50, 16
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
@@ -26,69 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 # Fixtures: a preprocess folder (train queries + qrels), frozen document embeddings, a tiny init model
 # ---------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Data:
-    pre: Path
-    emb: Path
-    init: Path
-
-
-def tiny_config(dropout: float):
-    from transformers import RobertaConfig
-
-    return RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=VOCAB, max_position_embeddings=40, pad_token_id=1, output_embedding_size=DIM,
-                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, initializer_range=0.2)
-
-
-def make_data(root: Path, dropout: float = 0.1) -> Data:
-    from model import DenseEncoder
-
-    rng = np.random.default_rng(11)
-    pre = root / "preprocess"
-    pre.mkdir(parents=True)
-    write_cache(pre, "train-query", [[0, *rng.integers(4, VOCAB, size=rng.integers(1, 7)).tolist(), 2]
-                                     for _ in range(N_QUERIES)])
-    # query q: positive 3q (and 3q+1 for even q); query 5's positive is listed twice
-    lines = [f"{q}\t0\t{3 * q}\t1" for q in range(N_QUERIES)] + [f"{q}\t0\t{3 * q + 1}\t1"
-                                                                 for q in range(0, N_QUERIES, 2)]
-    lines.append("5\t0\t15\t1")
-    (pre / "train-qrel.tsv").write_text("\n".join(lines) + "\n")
-    emb = root / "passages.memmap"
-    rng.standard_normal((N_DOCS, DIM), dtype=np.float32).tofile(emb)
-    torch.manual_seed(0)
-    DenseEncoder.from_config(tiny_config(dropout)).save_pretrained(root / "init")
-    return Data(pre, emb, root / "init")
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Data:
-    return make_data(tmp_path_factory.mktemp("adore"))
-
-
-def cli_args(d: Data, out: Path, *extra: str, batch: int = 4) -> list[str]:
-    return ["--init_path", str(d.init), "--pembed_path", str(d.emb), "--preprocess_dir", str(d.pre),
-            "--model_save_dir", str(out), "--metric_cut", "5", "--neg_topk", "8", "--per_gpu_batch_size",
-            str(batch), "--max_seq_length", "8", "--logging_steps", "1", "--learning_rate", "1e-3",
-            "--warmup_steps", "100", "--no_cuda", "--faiss_omp_num_threads", "1", *extra]
-
-
-def load_weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
+def data(tmp_path_factory) -> AdoreData:
+    return make_adore_data(tmp_path_factory.mktemp("adore"))
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_scalars(log_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +80,7 @@ def test_retrieve_label_score_and_loss_on_hand_built_embeddings(backend):
     settings = adore_train.LossSettings(k=3, append="none_retrieved", metric_cut=2, divisor=8.0)
     loss = adore_batch_loss(scores, torch.from_numpy(c.labels), settings.metric_cut, settings.divisor,
                             torch.from_numpy(c.lengths))
-    # §5.4 with loops: a_r = 1/r for r <= 2 else 0; per query mean over (pos, neg) pairs; sum / divisor
+    # ADORE's loss with loops: a_r = 1/r for r <= 2 else 0; per query mean over (pos, neg) pairs; sum / divisor
     expected = 0.0
     for row in range(2):
         f, y = scores[row, : c.lengths[row]].tolist(), c.labels[row, : c.lengths[row]].tolist()
@@ -257,7 +201,8 @@ def test_metric_cut_resolution():
 
 
 def test_cli_refuses_a_doc_run_without_metric_cut(data, tmp_path, capsys):
-    args = [a for a in cli_args(data, tmp_path / "out") if a not in ("--metric_cut", "5")] + ["--data_type", "doc"]
+    args = [a for a in adore_cli_args(data, tmp_path / "out") if a not in ("--metric_cut", "5")]
+    args += ["--data_type", "doc"]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(adore_train.main, args)
     assert exit_info.value.code == 2 and "JPQ uses 10" in capsys.readouterr().err
@@ -273,7 +218,7 @@ def test_cli_run_writes_epoch_folder_and_tensorboard_and_keeps_embeddings(data, 
 
     before = file_hash(data.emb)
     out = tmp_path / "out"
-    adore_train.main(cli_args(data, out, "--num_train_epochs", "1"))   # 12 queries / batch 4 = 3 steps
+    adore_train.main(adore_cli_args(data, out, "--num_train_epochs", "1"))   # 12 queries / batch 4 = 3 steps
     assert file_hash(data.emb) == before
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "epoch-1", "log"]
     epoch = DenseEncoder.from_pretrained(out / "epoch-1")
@@ -294,7 +239,7 @@ def test_faiss_tensor_and_fast_backends_train_identically(data, tmp_path):
             "fast": ("--search_precision", "fast", "--search_margin", "2")}
     weights = {}
     for name, extra in runs.items():
-        adore_train.main(cli_args(data, tmp_path / name, "--max_steps", "2", *extra))
+        adore_train.main(adore_cli_args(data, tmp_path / name, "--max_steps", "2", *extra))
         weights[name] = load_weights(tmp_path / name / "checkpoint-2")
     for name in ("tensor", "fast"):
         for key, value in weights["faiss"].items():
@@ -309,9 +254,9 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, batch, accum, stop, tot
     (stop at the end of epoch 0).  warm-up 100 > total: the LR of a step does not depend on --max_steps."""
     before = file_hash(data.emb)
     common = ("--gradient_accumulation_steps", str(accum))
-    adore_train.main(cli_args(data, tmp_path / "straight", "--max_steps", str(total), *common, batch=batch))
-    adore_train.main(cli_args(data, tmp_path / "resumed", "--max_steps", str(stop), *common, batch=batch))
-    adore_train.main(cli_args(data, tmp_path / "resumed", "--max_steps", str(total), "--resume", *common,
+    adore_train.main(adore_cli_args(data, tmp_path / "straight", "--max_steps", str(total), *common, batch=batch))
+    adore_train.main(adore_cli_args(data, tmp_path / "resumed", "--max_steps", str(stop), *common, batch=batch))
+    adore_train.main(adore_cli_args(data, tmp_path / "resumed", "--max_steps", str(total), "--resume", *common,
                               batch=batch))
     straight = load_weights(tmp_path / "straight" / f"checkpoint-{total}")
     resumed = load_weights(tmp_path / "resumed" / f"checkpoint-{total}")

@@ -7,10 +7,7 @@ Module-level cases already covered in-process elsewhere (not repeated here): tes
 ``test_bad_rank_files_leave_no_output`` / ``test_offset_out_of_range_names_line_and_value``, tests/test_inference.py
 ``test_adore_inference_rejects_a_doc_memmap_of_another_dim``.
 """
-import hashlib
 import json
-import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,25 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_preprocess import TINY, bert_dir, write_files  # noqa: F401  (bert_dir is a fixture)
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def tree_hash(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_cli(args: list, fsize=None) -> subprocess.CompletedProcess:
-    preexec = None
-    if fsize is not None:
-        preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))  # noqa: E731
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=120, preexec_fn=preexec)
+from helpers import ENV, REPO, TINY, make_encoder_inputs, run_cli, tiny_encoder, tree_hash, write_files
 
 
 def assert_one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -82,10 +61,10 @@ def test_preprocess_bad_input(tmp_path, bert_dir, case):
     files = dict(TINY)
     edit(files)
     data = write_files(tmp_path / "dataset", files)
-    before = tree_hash(data)
+    before = tree_hash(data, skip_tmp=False)
     out = tmp_path / "out"
     assert_one_error(run_cli(preprocess_args(bert_dir, data, out)), *needles)
-    assert tree_hash(data) == before
+    assert tree_hash(data, skip_tmp=False) == before
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -100,9 +79,9 @@ def test_preprocess_existing_output_is_refused_and_kept(tmp_path, bert_dir):
     out = tmp_path / "out"
     assert run_cli(preprocess_args(bert_dir, data, out)).returncode == 0
     (out / "dev-qrel.tsv").write_text("precious")
-    before = tree_hash(out)
+    before = tree_hash(out, skip_tmp=False)
     assert_one_error(run_cli(preprocess_args(bert_dir, data, out)), "already exists", "--overwrite")
-    assert tree_hash(out) == before
+    assert tree_hash(out, skip_tmp=False) == before
 
 
 def test_preprocess_unwritable_output_location(tmp_path, bert_dir):
@@ -137,7 +116,7 @@ def test_preprocess_accepts_bom_and_crlf(tmp_path, bert_dir, variant):
         out = tmp_path / f"{name}-out"
         result = run_cli(preprocess_args(bert_dir, data, out))
         assert result.returncode == 0, result.stderr
-        outs.append(tree_hash(out))
+        outs.append(tree_hash(out, skip_tmp=False))
     assert outs[0] == outs[1] and outs[0]
 
 
@@ -226,10 +205,10 @@ def test_cvt_back_existing_output_refused_and_kept(offsets):
     pre, evaluate, out = offsets
     _write_lines(evaluate / "dev.rank.tsv", ["0\t1\t1", "1\t2\t1"])
     assert run_cli(cvt_args(pre, evaluate, out)).returncode == 0
-    before = tree_hash(out)
+    before = tree_hash(out, skip_tmp=False)
     assert before
     assert_one_error(run_cli(cvt_args(pre, evaluate, out)), "--overwrite")
-    assert tree_hash(out) == before
+    assert tree_hash(out, skip_tmp=False) == before
 
 
 # -- safe loading -------------------------------------------------------------------------------------------
@@ -264,8 +243,6 @@ def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
     """preprocess → star inference → msmarco_eval → cvt_back with pickle.load/loads and any torch.load that is
     not weights_only=True made to fail: the project reads no pickle by default (the compat *.pickle files that
     preprocess writes are never read)."""
-    from test_retrieve_utils import tiny_encoder
-
     data = write_files(tmp_path / "dataset", TINY)
     tiny_encoder(0, out_dim=8).save_pretrained(tmp_path / "model")
     result = subprocess.run([sys.executable, "-c", SAFE_RUN, str(data), str(bert_dir), str(tmp_path / "model"),
@@ -278,14 +255,13 @@ def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
 
 # -- adore/inference.py and adore/train.py: document embeddings, model folder, existing output ---------------
 
-ADORE_DIM, ADORE_DOCS = 16, 600  # fault_helpers.make_encoder_inputs: a 16-dim encoder, 600 passages
+ADORE_DIM, ADORE_DOCS = 16, 600  # helpers.make_encoder_inputs: a 16-dim encoder, 600 passages
 
 
 @pytest.fixture(scope="module")
 def adore_inputs(tmp_path_factory):
     """A tiny preprocess folder (train + dev queries and qrels), a tiny 16-dim encoder and a valid [600, 16]
     float32 document-embedding memmap without a manifest (as the original wrote it)."""
-    from fault_helpers import make_encoder_inputs
 
     root = tmp_path_factory.mktemp("adore_bad")
     inputs = make_encoder_inputs(root)
@@ -360,10 +336,14 @@ BAD_EMBEDDING_RUNS = [pytest.param(adore_inference_args, case, id=f"inference-{c
 def test_adore_bad_embeddings(tmp_path, adore_inputs, make_args, case):
     make, extra = EMBEDDING_CASES[case]
     docs, needles = make(tmp_path)
-    before = tree_hash(tmp_path), tree_hash(adore_inputs["root"])
+
+    def inputs_and_outputs() -> tuple[dict, dict]:
+        return tree_hash(tmp_path, skip_tmp=False), tree_hash(adore_inputs["root"], skip_tmp=False)
+
+    before = inputs_and_outputs()
     out = tmp_path / "out"
     assert_one_error(run_cli(make_args(adore_inputs, out, docs, *extra)), str(docs), *needles)
-    assert (tree_hash(tmp_path), tree_hash(adore_inputs["root"])) == before  # inputs intact, no output written
+    assert inputs_and_outputs() == before  # inputs intact, no output written
     assert not out.exists()
 
 
@@ -382,7 +362,7 @@ def test_adore_inference_existing_output_refused_and_kept(tmp_path, adore_inputs
     result = run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"]))
     assert result.returncode == 0, result.stderr
     (out / "dev.rank.tsv").write_text("precious")
-    before = tree_hash(out)
+    before = tree_hash(out, skip_tmp=False)
     assert_one_error(run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"])),
                      str(out / "dev.rank.tsv"), "already exists", "--overwrite")
-    assert tree_hash(out) == before
+    assert tree_hash(out, skip_tmp=False) == before

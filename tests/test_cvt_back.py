@@ -7,6 +7,7 @@ import pytest
 import cvt_back
 import msmarco_eval as me
 from io_utils import InputError, run_cli
+from run_file import iter_run
 
 
 def write(path, lines):
@@ -68,7 +69,7 @@ def test_scores_are_kept(offsets):
     lines = [f"{q}\t{p}\t{r}\t{1.5 - r / 8}" for q, p, r in offsets["lines"]]
     write(offsets["input"] / "dev.rank.tsv", lines)
     run(offsets)
-    scores = [s for *_, s in me.iter_run_lines(offsets["out"] / "dev.rank.tsv")]
+    scores = [s for *_, s in iter_run(offsets["out"] / "dev.rank.tsv")]
     assert scores == [1.5 - r / 8 for *_, r in offsets["lines"]]
 
 

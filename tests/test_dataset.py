@@ -10,25 +10,10 @@ from dataset import (HardNegatives, QueryCollator, SequenceCollator, SequenceDat
                      TrainInbatchDataset, TrainInbatchWithHardDataset, TrainInbatchWithRandDataset,
                      TrainQueryDataset, load_hardneg, load_rank, load_rel, load_rel_graded, pack_tensor_2D,
                      truncate_keep_end)
+from helpers import write_token_rows
 from io_utils import InputError
 
 CLS, SEP = 0, 2
-
-
-def write_cache(folder, prefix, seqs, width):
-    """Write token sequences exactly as preprocess.py does: int32 memmap padded with 0, lengths, meta."""
-    folder.mkdir(parents=True, exist_ok=True)
-    arr = np.memmap(folder / f"{prefix}.memmap", dtype=np.int32, mode="w+", shape=(len(seqs), width))
-    lengths = np.zeros(len(seqs), dtype=np.int32)
-    for i, s in enumerate(seqs):
-        s = s[:width - 1] + [SEP] if len(s) > width else s
-        arr[i, :len(s)] = s
-        lengths[i] = len(s)
-    arr.flush()
-    del arr
-    np.save(folder / f"{prefix}_length.npy", lengths)
-    meta = {"type": "int32", "total_number": len(seqs), "embedding_size": width}
-    (folder / f"{prefix}_meta").write_text(json.dumps(meta))
 
 
 def make_seqs(rng, n, min_len, max_len, vocab=50):
@@ -41,8 +26,8 @@ def corpus(tmp_path):
     """20 docs (3..16 tokens, stored width 16) and 6 queries (3..8 tokens, width 8)."""
     rng = np.random.default_rng(0)
     docs, queries = make_seqs(rng, 20, 3, 16), make_seqs(rng, 6, 3, 8)
-    write_cache(tmp_path, "passages", docs, 16)
-    write_cache(tmp_path, "train-query", queries, 8)
+    write_token_rows(tmp_path, "passages", docs, 16)
+    write_token_rows(tmp_path, "train-query", queries, 8)
     return tmp_path, docs, queries
 
 
@@ -65,7 +50,7 @@ def test_cache_reads_back_rows_and_stays_memmap(corpus):
 
 def test_cache_pickles_without_copying_the_matrix(tmp_path):
     seqs = make_seqs(np.random.default_rng(1), 400, 3, 64)
-    write_cache(tmp_path, "passages", seqs, 64)
+    write_token_rows(tmp_path, "passages", seqs, 64)
     cache = TokenIdsCache(tmp_path, "passages")
     blob = pickle.dumps(cache)
     assert len(blob) < cache.ids.nbytes / 10  # 100 KiB of tokens are re-opened, not copied
@@ -99,7 +84,7 @@ def test_cache_lengths_beyond_width_rejected(corpus):
 
 
 def test_cache_falls_back_to_memmap_subfolder(tmp_path):
-    write_cache(tmp_path / "memmap", "dev-query", [[CLS, 7, SEP]], 4)
+    write_token_rows(tmp_path / "memmap", "dev-query", [[CLS, 7, SEP]], 4)
     assert TokenIdsCache(tmp_path, "dev-query")[0].tolist() == [CLS, 7, SEP]
 
 
@@ -115,7 +100,7 @@ def test_truncate_keep_end():
 
 def test_sequence_dataset_truncates_at_batch_time(tmp_path):
     seqs = [[CLS, 5, SEP], [CLS, 5, 6, 7, SEP], [CLS, 5, 6, 7, 8, 9, SEP]]  # shorter, equal, longer than 5
-    write_cache(tmp_path, "passages", seqs, 8)
+    write_token_rows(tmp_path, "passages", seqs, 8)
     ds = SequenceDataset(TokenIdsCache(tmp_path, "passages"), max_seq_length=5)
     assert [ds[i]["input_ids"] for i in range(3)] == [[CLS, 5, SEP], [CLS, 5, 6, 7, SEP], [CLS, 5, 6, 7, SEP]]
     assert [ds[i]["id"] for i in range(3)] == [0, 1, 2]
@@ -175,12 +160,25 @@ def test_load_rel_bad_line(tmp_path, line, fragment):
 
 def test_load_rank_file_order_and_errors(tmp_path):
     path = tmp_path / "dev.rank.tsv"
-    path.write_text("4\t9\t1\n4\t2\t2\n1\t7\t1\t3.5\n")
+    path.write_text("4\t9\t1\n4\t2\t2\n1\t7\t1\n")
     assert load_rank(path) == {4: [9, 2], 1: [7]}
+    path.write_text("4\t9\t1\t0.5\n4\t2\t2\t-1\n1\t7\t1\t3.5\n")
+    assert load_rank(path) == {4: [9, 2], 1: [7]}
+    path.write_text("4\t9\t1\n4\t2\t2\n1\t7\t1\t3.5\n")  # one rule for every run file: no mixed formats
+    with pytest.raises(InputError, match="expected 3 fields like the first line") as e:
+        load_rank(path)
+    assert e.value.line == 3
     path.write_text("4\t9\t1\n4\t2\n")
-    with pytest.raises(InputError, match="3 or 4") as e:
+    with pytest.raises(InputError, match="expected 3 fields like the first line") as e:
         load_rank(path)
     assert e.value.line == 2
+    path.write_text("4 Q0 9 1 2.5 run\n")
+    with pytest.raises(InputError, match="found a TREC run") as e:
+        load_rank(path)
+    assert e.value.line == 1
+    path.write_text("4\t9\t0\n")
+    with pytest.raises(InputError, match="rank"):
+        load_rank(path)
     path.write_text("4\t9\tfirst\n")
     with pytest.raises(InputError, match="rank is not an integer"):
         load_rank(path)

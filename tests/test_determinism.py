@@ -3,9 +3,8 @@ preprocess files, embedding memmaps + rank file, mined hard negatives, and STAR 
 import pytest
 import torch
 
-from fault_helpers import hardneg_args, make_encoder_inputs, run, star_inference_args, tree_hash
-from test_preprocess import TINY, bert_dir, write_files  # noqa: F401  (bert_dir is a fixture)
-from test_star_train import cli_args, load_weights, make_data
+from helpers import (TINY, hardneg_args, load_weights, make_encoder_inputs, make_star_data, run, star_cli_args,
+                     star_inference_args, tree_hash, write_files)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,10 @@ def test_encoding_and_mining_are_deterministic(tmp_path, encoder_inputs, stage):
 
 
 def test_star_training_parameters_are_deterministic(tmp_path):
-    data = make_data(tmp_path / "data")
+    data = make_star_data(tmp_path / "data")
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        run(["-m", "star.train", *cli_args(data, out, "star", "--max_steps", "4", "--warmup_steps", "2",
+        run(["-m", "star.train", *star_cli_args(data, out, "star", "--max_steps", "4", "--warmup_steps", "2",
                                             "--seed", "3")])
     a, b = (load_weights(out) for out in outs)
     init = load_weights(data["init"])

@@ -24,10 +24,9 @@ from typing import Callable
 import pytest
 import torch
 
-from fault_helpers import ENV, REPO, hardneg_args, make_encoder_inputs, run, star_inference_args, tree_hash
-from test_adore_train import cli_args as adore_cli_args, make_data as adore_make_data
-from test_star_train import cli_args, load_weights, make_data
-from test_preprocess import BERT_VOCAB, bert_dir, write_files  # noqa: F401  (bert_dir is a fixture)
+from helpers import (BERT_VOCAB, ENV, REPO, adore_cli_args, hardneg_args, load_weights, make_adore_data,
+                     make_encoder_inputs, make_star_data, run, star_cli_args, star_inference_args, tree_hash,
+                     write_files)
 
 SEEDS = [0, 1]
 POLL_S = 0.002
@@ -242,10 +241,10 @@ def assert_complete_or_absent(out: Path, reference: Path) -> None:
 def test_star_train_killed_and_resumed_equals_uninterrupted(tmp_path):
     """CPU, fixed seed, dropout on, a checkpoint every step: kill a --resume run, rerun the same command, same final
     parameters."""
-    data, total = make_data(tmp_path / "data"), 24
+    data, total = make_star_data(tmp_path / "data"), 24
 
     def train(out):
-        return ["-m", "star.train", *cli_args(data, out, "star", "--max_steps", str(total), "--save_steps", "1",
+        return ["-m", "star.train", *star_cli_args(data, out, "star", "--max_steps", str(total), "--save_steps", "1",
                                                 "--warmup_steps", "4", "--seed", "7")]
 
     straight = tmp_path / "straight"
@@ -270,7 +269,7 @@ def adore_reference(tmp_path_factory):
     """Tiny ADORE inputs (tests/test_adore_train.py) and an uninterrupted, watched run: dropout on, a checkpoint
     every step, gradient accumulation, 60 steps over 20 epochs (an epoch-<k> folder every 3 steps)."""
     root = tmp_path_factory.mktemp("adore_faults")
-    data = adore_make_data(root / "data")
+    data = make_adore_data(root / "data")
 
     def train(out: Path) -> list:
         return ["-m", "adore.train", *adore_cli_args(

@@ -1,4 +1,5 @@
-"""losses.py against plain-Python double loops of the formulas in spec §5."""
+"""losses.py against plain-Python double loops of the formulas in losses.py's docstrings (the original
+star/train.py and adore/train.py losses)."""
 import math
 
 import pytest

@@ -13,7 +13,7 @@ import pytest
 import star.prepare_hardneg as ph
 from dataset import HardNegatives, load_hardneg
 from io_utils import InputError
-from test_retrieve_utils import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
+from helpers import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -277,22 +277,32 @@ def test_trec_run_file_with_d_prefixed_doc_ids(tmp_path):
     qoffsets, negs = load_hardneg(out / "hard.npy")
     np.testing.assert_array_equal(qoffsets, np.arange(n_queries))
     np.testing.assert_array_equal(negs, first_k_non_positive(run_rankings(lines, qids, docids), rel, 12))
-    with pytest.raises(InputError, match=r"run\.trec:1: passage id is not an integer \(got 'D"):
+    with pytest.raises(InputError, match=r"run\.trec:1: document id is not an integer \(got 'D"):
         ph.main(run_args(pre, out, run, "--topk", "12", "--overwrite"))  # passage ids carry no D
+
+    # The run's own ranks order it, also where the scores tie (here: all equal).
+    run.write_text("".join(f"{q} Q0 D{d} {r} 1.0 BM25\n" for q, d, r in lines))
+    ph.main(run_args(pre, out, run, "--topk", "12", "--overwrite", data_type="doc"))
+    np.testing.assert_array_equal(np.load(out / "hard.npy"), negs)
+    run.write_text("".join(f"{q} Q0 {d} {r} {-r / 7:.4f} BM25\n" for q, d, r in lines))
+    with pytest.raises(InputError, match=r"run\.trec:1: document id lacks the 'D' prefix"):
+        ph.main(run_args(pre, out, run, "--topk", "12", "--overwrite", data_type="doc"))
 
 
 @pytest.mark.parametrize("text, line, message", [
-    ("1\t2\n", 1, "expected MS MARCO"),
+    ("1\t2\n", 1, "expected 3 (qid docid rank), 4 (qid docid rank score) or 6 (TREC"),
     ("1\t2\t1\nx\t2\t2\n", 2, "query id is not an integer"),
-    ("1\t2\t1\n1\t3\t2\t0.5\n", 2, "expected 3 columns like the first line"),
-    ("1 Q0 2 1 high run\n", 1, "score is not a number"),
+    ("1\t2\t1\n1\t3\t2\t0.5\n", 2, "expected 3 fields like the first line"),
+    ("1 Q0 2 1 high run\n", 1, "score is not a finite number"),
     ("1\t2\t-1\n", 1, "rank is negative"),
+    ("1\t2\t0\n", 1, "ranks are 1-based"),
 ])
-def test_malformed_run_lines_name_file_line_and_value(tmp_path, text, line, message):
+def test_malformed_run_lines_name_file_line_and_value(setup, tmp_path, text, line, message):
+    """prepare_hardneg reads --run_file with run_file's rules (tested in test_run_file.py)."""
     run = tmp_path / "run.txt"
     run.write_bytes(text.encode())
     with pytest.raises(InputError, match=re.escape(message)) as info:
-        ph.parse_run(run, doc_ids=False)
+        ph.run_candidates(run, setup["pre"], "train", False, np.arange(7), N_DOCS)
     assert (info.value.path, info.value.line) == (str(run), line) and info.value.value is not None
 
 

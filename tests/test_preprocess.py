@@ -15,16 +15,12 @@ import pytest
 import regex
 
 import preprocess
+from helpers import BERT_IDS, TINY, write_files
 from io_utils import InputError
 
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
-
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "the", "cat", "sat", "on", "mat",
-              "dog", "a"]
-BERT_IDS = {w: i for i, w in enumerate(BERT_VOCAB)}
-
 
 @pytest.fixture(scope="session")
 def roberta_dir(shared_dir):
@@ -44,16 +40,6 @@ def golden(shared_dir):
 
 
 @pytest.fixture(scope="session")
-def bert_dir(tmp_path_factory):
-    """A tiny uncased BERT WordPiece tokenizer (HF folder) built from BERT_VOCAB."""
-    from transformers import BertTokenizer
-
-    folder = tmp_path_factory.mktemp("bert")
-    BertTokenizer(vocab=dict(BERT_IDS)).save_pretrained(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="session")
 def bert(bert_dir):
     return preprocess.load_tokenizer(bert_dir)
 
@@ -66,7 +52,7 @@ def bert_ids(text, max_length):
 
 class Reference28:
     """An independent, slow, pure-Python re-implementation of transformers-2.8 RobertaTokenizer.encode with
-    do_lower_case=True (GPT-2 byte-level BPE from vocab.json + merges.txt), written from spec §3.3."""
+    do_lower_case=True (GPT-2 byte-level BPE from vocab.json + merges.txt), written from the transformers-2.8 tokenizer's documented behaviour."""
 
     PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
     SPECIAL = ["<s>", "</s>", "<unk>", "<pad>", "<mask>"]
@@ -265,23 +251,6 @@ def test_load_tokenizer_needs_a_local_tokenizer_folder(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # tiny generated inputs (BERT tokenizer): output files and bad input
 # --------------------------------------------------------------------------------------------------
-
-TINY = {
-    "collection.tsv": b"7\tHello world\r\n3\tThe cat sat on the mat  \r\n10\t   \n0\tdog cat dog cat dog\n",
-    "queries.train.tsv": b"1\thello\n2\tthe cat\n3\tnot judged\n5\tdog \n",
-    "qrels.train.tsv": b"2\t0\t3\t1\n1\t0\t7\t0\n5\t0\t0\t2\n2\t0\t10\t0\n",
-    "queries.dev.small.tsv": b"9\tmat\r\n",
-    "qrels.dev.small.tsv": b"9 Q0 3 1\r\n",
-    "queries.eval.small.tsv": b"4\ta cat\n6\tdog\n",
-}
-
-
-def write_files(folder: Path, files: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (folder / name).write_bytes(content)
-    return folder
-
 
 def read_matrix(folder: Path, prefix: str):
     """Independent reader: meta JSON, raw int32 matrix, lengths, ids."""

@@ -193,13 +193,12 @@ def test_preprocess_uses_the_folders_bert_tokenizer(pipeline, minilm_dir):
     assert max(len(ids) for ids in tokenizer([t for _, t in queries])["input_ids"]) <= MAX_QUERY_LENGTH
 
 
-def test_embeddings_are_the_models_mean_pooled_normalised_output(pipeline, minilm_dir):
+def test_embeddings_are_the_models_mean_pooled_normalised_output(pipeline, minilm_dir, one_thread):
     """A sample of the embedding memmaps equals plain transformers: AutoModel, masked mean of the last hidden state,
     L2 normalisation (what the sentence-transformers folder declares), each text encoded alone."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
     model = AutoModel.from_pretrained(str(minilm_dir)).eval()
     collection, queries = pipeline["collection"], pipeline["queries"]

@@ -1,67 +1,24 @@
-"""retrieve_utils: exact search (in RAM, streamed, GPU when present) against a brute-force numpy reference,
-rank files, embedding-memmap validation, and the resumable length-sorted encoder."""
+"""retrieve_utils and the modules it re-exports: exact search (in RAM, streamed, GPU when present) against a
+brute-force numpy reference, rank files, embedding-memmap validation, the resumable length-sorted encoder, and
+the torch-free imports of the search and embedding-file modules."""
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import RobertaConfig
 
+import exact_search as search_module
 import retrieve_utils as ru
-from dataset import SequenceDataset, TokenIdsCache, truncate_keep_end
+from dataset import SequenceDataset, TokenIdsCache
+from helpers import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
 from io_utils import InputError
-from model import DenseEncoder
 
-VOCAB = 60
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers (also used by test_inference.py)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def write_token_memmap(folder: Path, prefix: str, lengths: list[int], width: int, seed: int) -> list[np.ndarray]:
-    """Write ``{prefix}.memmap`` / ``_length.npy`` / ``_meta`` in the preprocess format (``<s>=0 … </s>=2``,
-    0-padded); return the stored sequences."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), width), np.int32)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = [0, *rng.integers(4, VOCAB, size=length - 2), 2]
-    folder.mkdir(parents=True, exist_ok=True)
-    ids.tofile(folder / f"{prefix}.memmap")
-    np.save(folder / f"{prefix}_length.npy", np.asarray(lengths, np.int32))
-    (folder / f"{prefix}_meta").write_text(json.dumps(
-        {"type": "int32", "total_number": len(lengths), "embedding_size": width}))
-    return [ids[row, :length] for row, length in enumerate(lengths)]
-
-
-def tiny_encoder(seed: int, out_dim: int = 16) -> DenseEncoder:
-    torch.manual_seed(seed)
-    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           vocab_size=VOCAB, max_position_embeddings=70, pad_token_id=1,
-                           output_embedding_size=out_dim, initializer_range=0.2)  # 0.02 gives near-equal vectors
-    return DenseEncoder.from_config(config).eval()
-
-
-def encode_one_by_one(model: DenseEncoder, seqs: list[np.ndarray], max_len: int) -> np.ndarray:
-    """Reference embeddings: every sequence alone, no padding."""
-    with torch.inference_mode():
-        rows = []
-        for seq in seqs:
-            x = torch.as_tensor(truncate_keep_end(seq, max_len), dtype=torch.int64)[None]
-            rows.append(model(x, torch.ones_like(x))[0].numpy())
-    return np.stack(rows)
-
-
-def brute_force(docs: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = queries @ docs.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), order
 
 
 class CountingModel(torch.nn.Module):
@@ -105,7 +62,7 @@ def test_search_paths_equal_brute_force_with_ties(tmp_path, k):
     ref_scores, ref_ids = brute_force(docs, queries, k)
     kk = min(k, len(docs))
     results = {"in RAM": ru.FlatIPIndex(docs).search(queries, k, batch_size=16),
-               "search()": ru.search(on_disk, queries, k),
+               "index over a memmap": ru.FlatIPIndex(on_disk).search(queries, k, desc=None),
                "exact_search": ru.exact_search(on_disk, queries, k)}
     for block_rows in (1, 10, 33, 97, 500):
         results[f"streamed {block_rows}"] = ru.streamed_search(on_disk, queries, k, block_rows=block_rows,
@@ -148,8 +105,8 @@ def test_exact_search_streams_when_over_budget(tmp_path, monkeypatch):
     docs.tofile(path)
     on_disk = np.memmap(path, dtype=np.float32, mode="r", shape=docs.shape)
     calls = []
-    real = ru.streamed_search
-    monkeypatch.setattr(ru, "streamed_search", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = search_module.streamed_search
+    monkeypatch.setattr(search_module, "streamed_search", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     tiny_budget_gb = 2000 / (1 << 30)  # 2,000 bytes < 300 x 6 x 4: streamed, blocks of 1,000 bytes
     streamed = ru.exact_search(on_disk, queries, 7, mem_gb=tiny_budget_gb)
     assert len(calls) == 1
@@ -183,11 +140,18 @@ def test_gpu_single_and_sharded_match_cpu():
     ref_scores, ref_ids = brute_force(docs, queries, 100)
     layouts = [[0]] + ([[0, 1]] if ru.faiss_gpu_count() > 1 else [])
     for gpus in layouts:
-        scores, ids = ru.search(docs, queries, 100, gpus=gpus)
+        scores, ids = ru.FlatIPIndex(docs, gpus).search(queries, 100, desc=None)
         np.testing.assert_array_equal(ids, ref_ids, err_msg=str(gpus))
         np.testing.assert_array_equal(scores, ref_scores, err_msg=str(gpus))
     with pytest.raises(InputError):
         ru.resolve_faiss_gpus([ru.faiss_gpu_count()])
+
+
+@pytest.mark.parametrize("module", ["exact_search", "embedding_memmap"])
+def test_search_and_embedding_file_modules_do_not_import_torch(module, repo_dir):
+    code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_dir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import sample_data
-from fault_helpers import run
+from helpers import run
 from msmarco_eval import evaluate_files
 
 LENGTHS = ["--max_query_length", "24", "--max_doc_length", "64"]  # the sample's passages fit in 64 tokens

@@ -1,103 +1,28 @@
 """star/train.py on tiny memmaps (contract format) and a tiny RoBERTa: DDP (2-process gloo) equals one process on
 the same global batch, stop-and-resume equals an uninterrupted run, and CLI smoke runs of the three modes."""
-import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-N_DOCS, N_QUERIES, VOCAB = 40, 12, 50
-REPO = Path(__file__).resolve().parents[1]
+from helpers import (REPO, end_spawned_worker, free_port, load_weights, make_star_data, read_scalars,
+                     star_cli_args)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_cache(folder: Path, prefix: str, rows: list) -> None:
-    """``{prefix}.memmap`` int32 [N, L] right-padded with 0, ``{prefix}_length.npy``, ``{prefix}_meta``."""
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-    ids.tofile(folder / f"{prefix}.memmap")
-    np.save(folder / f"{prefix}_length.npy", np.array([len(r) for r in rows], dtype=np.int32))
-    (folder / f"{prefix}_meta").write_text(json.dumps({"type": "int32", "total_number": len(rows),
-                                                        "embedding_size": width}))
-
-
-def make_data(root: Path, dropout: float = 0.1) -> dict:
-    """A preprocess folder, hard negatives, and an init model folder; returns their paths."""
-    rng = np.random.default_rng(3)
-    pre = root / "preprocess"
-    pre.mkdir(parents=True)
-
-    def seq(lo, hi):
-        return [0] + rng.integers(4, VOCAB, size=rng.integers(lo, hi)).tolist() + [2]   # <s> ... </s>
-
-    write_cache(pre, "passages", [seq(3, 14) for _ in range(N_DOCS)])
-    write_cache(pre, "train-query", [seq(2, 6) for _ in range(N_QUERIES)])
-    # query q: positive 3q (and 3q+1 for even q); query 5 shares query 4's positive 12 (mask duplicates)
-    lines = [f"{q}\t0\t{3 * q}\t1" for q in range(N_QUERIES)] + [f"{q}\t0\t{3 * q + 1}\t1"
-                                                                 for q in range(0, N_QUERIES, 2)]
-    lines.append("5\t0\t12\t1")
-    (pre / "train-qrel.tsv").write_text("\n".join(lines) + "\n")
-    negs = np.array([[(3 * q + 2 + 5 * j) % N_DOCS for j in range(4)] for q in range(N_QUERIES)], dtype=np.int32)
-    np.save(root / "hard.npy", negs)
-    np.save(root / "hard_qids.npy", np.arange(N_QUERIES, dtype=np.int64))
-    init = root / "init"
-    init_model(init, dropout)
-    return {"pre": pre, "hard": root / "hard.npy", "init": init}
-
-
-def init_model(folder: Path, dropout: float) -> None:
-    from transformers import RobertaConfig
-
-    from model import DenseEncoder
-
-    torch.manual_seed(0)
-    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           vocab_size=VOCAB, max_position_embeddings=40, hidden_dropout_prob=dropout,
-                           attention_probs_dropout_prob=dropout, initializer_range=0.2)  # diverse embeddings
-    DenseEncoder.from_config(config).save_pretrained(folder)
-
-
-def cli_args(data: dict, out: Path, mode: str = "star", *extra: str, batch: int = 4) -> list:
-    args = ["--init_path", str(data["init"]), "--preprocess_dir", str(data["pre"]), "--output_dir", str(out),
-            "--negative_mode", mode, "--per_device_train_batch_size", str(batch), "--max_query_length", "6",
-            "--max_doc_length", "10", "--logging_steps", "1", "--learning_rate", "1e-3", "--no_cuda"]
-    if mode == "star":
-        args += ["--hardneg_path", str(data["hard"]), "--hard_num", "2"]
-    if mode == "rand":
-        args += ["--rand_num", "2"]
-    return args + list(extra)
-
-
-def load_weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("star"))
+    return make_star_data(tmp_path_factory.mktemp("star"))
 
 
 @pytest.fixture(scope="module")
 def data_no_dropout(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("star_nodrop"), dropout=0.0)
+    return make_star_data(tmp_path_factory.mktemp("star_nodrop"), dropout=0.0)
 
 
 # -- single process: loss, CLI ------------------------------------------------------------------------------
@@ -108,7 +33,7 @@ def test_cli_smoke_writes_loadable_checkpoints_and_tensorboard(data, tmp_path, m
     from star import train as star_train
 
     out = tmp_path / "out"
-    star_train.main(cli_args(data, out, mode, "--num_train_epochs", "2", "--save_steps", "2"))
+    star_train.main(star_cli_args(data, out, mode, "--num_train_epochs", "2", "--save_steps", "2"))
     # 12 queries / batch 4 = 3 steps per epoch: checkpoints at steps 2, 3 (epoch end), 4, 6 (epoch end)
     names = sorted(p.name for p in out.glob("checkpoint-*"))
     assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-6"]
@@ -132,7 +57,7 @@ def test_accumulation_bf16_checkpointing_and_save_limit(data, tmp_path):
     from star import train as star_train
 
     out = tmp_path / "out"
-    star_train.main(cli_args(data, out, "star", "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
+    star_train.main(star_cli_args(data, out, "star", "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
                              "--bf16", "--gradient_checkpointing", "--save_total_limit", "2",
                              "--logging_dir", str(tmp_path / "tb"), batch=2))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
@@ -143,17 +68,9 @@ def test_accumulation_bf16_checkpointing_and_save_limit(data, tmp_path):
     assert not (out / "log").exists()
 
 
-def read_scalars(log_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def test_logged_loss_is_the_spec_formula_on_the_first_batch(data_no_dropout, tmp_path):
-    """Rebuild step 1's batch by hand (same sampler/dataset/collator) and compare the logged loss to the §5.3
-    pooled formula written with plain loops."""
+def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, tmp_path):
+    """Rebuild step 1's batch by hand (same sampler/dataset/collator) and compare the logged loss to STAR's
+    pooled pairwise formula (the original model.py's RobertaDot_InBatch) written with plain loops."""
     import train_utils as tu
     from dataset import (TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel)
     from model import DenseEncoder
@@ -161,7 +78,7 @@ def test_logged_loss_is_the_spec_formula_on_the_first_batch(data_no_dropout, tmp
 
     d = data_no_dropout
     out = tmp_path / "out"
-    star_train.main(cli_args(d, out, "star", "--max_steps", "1"))
+    star_train.main(star_cli_args(d, out, "star", "--max_steps", "1"))
     logged = read_scalars(out / "log")["loss"][0][1]
 
     rel = load_rel(d["pre"] / "train-qrel.tsv")
@@ -195,9 +112,9 @@ def test_cli_refuses_non_empty_output_dir_and_missing_hardneg(data, tmp_path, ca
     out.mkdir()
     (out / "something").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(star_train.main, cli_args(data, out, "star"))
+        run_cli(star_train.main, star_cli_args(data, out, "star"))
     assert exit_info.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
-    args = [a for a in cli_args(data, tmp_path / "new", "star") if a not in (str(data["hard"]), "--hardneg_path")]
+    args = [a for a in star_cli_args(data, tmp_path / "new", "star") if a not in (str(data["hard"]), "--hardneg_path")]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(star_train.main, args)
     assert exit_info.value.code == 2 and "--hardneg_path" in capsys.readouterr().err
@@ -215,10 +132,10 @@ def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path, batch, accum, 
     from star import train as star_train
 
     common = ("--warmup_steps", "100", "--learning_rate", "5e-2", "--gradient_accumulation_steps", str(accum))
-    star_train.main(cli_args(data, tmp_path / "straight", "star", "--max_steps", str(total), *common, batch=batch))
-    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(stop), *common, batch=batch))
+    star_train.main(star_cli_args(data, tmp_path / "straight", "star", "--max_steps", str(total), *common, batch=batch))
+    star_train.main(star_cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(stop), *common, batch=batch))
     assert (tmp_path / "resumed" / f"checkpoint-{stop}").is_dir()
-    star_train.main(cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(total), "--resume", *common,
+    star_train.main(star_cli_args(data, tmp_path / "resumed", "star", "--max_steps", str(total), "--resume", *common,
                              batch=batch))
     straight, resumed = load_weights(tmp_path / "straight"), load_weights(tmp_path / "resumed")
     init = load_weights(data["init"])
@@ -230,12 +147,6 @@ def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path, batch, accum, 
 
 
 # -- DDP ------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def global_batch(d: dict, mode: str):
     """The first 6 items of the training set for ``mode`` (hard_num/rand_num 2), with the rel dict."""
@@ -288,6 +199,7 @@ def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
         tu.barrier()  # both ranks done before the group is torn down
     finally:
         tu.cleanup_distributed()
+    end_spawned_worker(queue)
 
 
 def test_ddp_two_processes_match_one_process_on_the_global_batch(data_no_dropout):
@@ -323,8 +235,8 @@ def test_torchrun_two_processes_train_like_one_process(data_no_dropout, tmp_path
 
     d = data_no_dropout
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    star_train.main(cli_args(d, tmp_path / "one", "star", "--max_steps", "4"))
-    two = cli_args(d, tmp_path / "two", "star", "--max_steps", "4", batch=2)
+    star_train.main(star_cli_args(d, tmp_path / "one", "star", "--max_steps", "4"))
+    two = star_cli_args(d, tmp_path / "two", "star", "--max_steps", "4", batch=2)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           str(REPO / "star" / "train.py"), *two], env=env, timeout=120, capture_output=True,

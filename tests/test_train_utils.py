@@ -1,7 +1,8 @@
-"""train_utils: Lamb against a numpy transcription of spec §3.6, parameter groups, schedule, data order,
-checkpoint round trips and the differentiable all-gather (2-process gloo)."""
+"""train_utils and the modules it re-exports: Lamb against a numpy transcription of the original lamb.py,
+parameter groups, schedule, data order, checkpoint round trips, the shared flags, the loop skeleton (steps, logs,
+checkpoints, resume) and the differentiable all-gather (2-process gloo)."""
 import os
-import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,19 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 import train_utils as tu
+from helpers import end_spawned_worker, free_port, read_scalars
 from io_utils import InputError
 
 # transformers/model are imported inside the helpers below so that the spawned DDP workers, which re-import
 # this module, start quickly
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_encoder(dropout: float = 0.1):
@@ -38,7 +32,7 @@ def tiny_encoder(dropout: float = 0.1):
 # -- Lamb -----------------------------------------------------------------------------------------------------
 
 def numpy_lamb(params, grads_per_step, lr, betas, eps, wd, adam=False):
-    """Spec §3.6 written out with numpy (float64)."""
+    """The original lamb.py's step written out with numpy (float64)."""
     params = [p.astype(np.float64).copy() for p in params]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
@@ -58,7 +52,7 @@ def numpy_lamb(params, grads_per_step, lr, betas, eps, wd, adam=False):
 
 
 @pytest.mark.parametrize("wd,adam,steps", [(0.0, False, 1), (0.01, False, 1), (0.01, False, 5), (0.1, True, 3)])
-def test_lamb_matches_the_spec_formulas(wd, adam, steps):
+def test_lamb_matches_the_original_formulas(wd, adam, steps):
     rng = np.random.default_rng(0)
     start = [rng.normal(size=(4, 3)).astype(np.float32),          # ‖p‖ < 10
              (rng.normal(size=(50,)) * 5).astype(np.float32),     # ‖p‖ > 10: clamped
@@ -133,6 +127,14 @@ def test_training_plan():
     assert tu.TrainingPlan.create(10, 1, num_train_epochs=1.5).total_steps == 15
     with pytest.raises(InputError):
         tu.TrainingPlan.create(0, 1, 1)
+
+
+def test_progress_rolls_over_at_epoch_ends_and_counts_micro_batches_read():
+    plan = tu.TrainingPlan.create(10, 3, num_train_epochs=2)          # steps of 3, 3, 3, 1 micro-batches
+    progress = tu.Progress()
+    assert [progress.advance(plan.steps_per_epoch) for _ in range(5)] == [False, False, False, True, False]
+    assert progress == tu.Progress(epoch=1, step_in_epoch=1, global_step=5)
+    assert plan.first_micro_batch(3) == 9 and plan.micro_batches_before(progress) == 13
 
 
 # -- data order ---------------------------------------------------------------------------------------------
@@ -253,6 +255,19 @@ def test_prepare_output_dir_rules(tmp_path):
     assert not (out / "checkpoint-5").exists()
 
 
+def test_checkpoint_paths_cli_prints_the_latest_or_fails(tmp_path, capsys):
+    import checkpoint_paths
+
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / tu.TRAINER_STATE_NAME).touch()
+    (tmp_path / "checkpoint-11.tmp-5").mkdir()
+    assert checkpoint_paths.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "checkpoint-10")
+    assert checkpoint_paths.main([str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.strip() == f"no checkpoint-* in {tmp_path / 'none'}"
+
+
 def test_optimizer_step_clips_and_steps_schedule():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=1.0)
@@ -276,20 +291,137 @@ def test_autocast_contexts_keep_fp32_where_asked():
 
 
 def test_train_logger_writes_tensorboard_events(tmp_path):
+
     log = tu.TrainLogger(tmp_path / "log", total_steps=3)
     log.step(1, loss=0.5)
     log.log({"loss": 0.5, "learning_rate": 1e-4}, step=1)
+    log.step(1)
+    log.log({"loss": 0.25, "learning_rate": 2e-4}, step=2)
     log.close()
     assert list((tmp_path / "log").glob("events.out.tfevents.*"))
+    scalars = read_scalars(tmp_path / "log")
+    assert scalars == {"loss": [(1, 0.5), (2, 0.25)],
+                       "learning_rate": [(1, pytest.approx(1e-4)), (2, pytest.approx(2e-4))]}
+    resumed = tu.TrainLogger(tmp_path / "log", total_steps=3, initial_step=1, purge_step=2)  # resumed at step 1
+    resumed.log({"loss": 0.75, "learning_rate": 3e-4}, step=2)
+    resumed.close()
+    assert read_scalars(tmp_path / "log")["loss"] == [(1, 0.5), (2, 0.75)]   # the old step 2 is purged
+    silent = tu.TrainLogger(tmp_path / "other_rank", total_steps=3, enabled=False)
+    silent.log({"loss": 1.0}, step=1)
+    silent.close()
+    assert not (tmp_path / "other_rank").exists()
+
+
+# -- shared flags and the loop ---------------------------------------------------------------------------------
+
+def test_shared_flags_take_each_trainer_defaults_and_are_validated():
+    import argparse
+
+    flags = tu.TrainerFlags(learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
+                            init_help="i", preprocess_help="p", clip_help="c", run_folder="out", run_folders="x")
+    parser = argparse.ArgumentParser()
+    tu.add_training_args(parser, flags)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args(["--init_path", "m", "--preprocess_dir", "d"])
+    assert (args.learning_rate, args.num_train_epochs, args.warmup_steps, args.logging_steps) == (5e-6, 6.0, 2000, 100)
+    assert (args.save_steps, args.save_total_limit, args.max_steps, args.seed) == (None, None, -1, 42)
+    tu.validate_training_args(args, positive=("batch",))
+    for flag, value in (("--batch", "0"), ("--logging_steps", "0"), ("--warmup_steps", "-1")):
+        bad = parser.parse_args(["--init_path", "m", "--preprocess_dir", "d", flag, value])
+        with pytest.raises(InputError, match=f"{flag} must be >= "):
+            tu.validate_training_args(bad, positive=("batch",))
+
+
+class SavableLinear(torch.nn.Linear):
+    def save_pretrained(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state_dict(), str(Path(folder) / "model.safetensors"))
+
+
+class RecordingCollator:
+    def __init__(self):
+        self.seen = None
+
+    def __call__(self, items):
+        return list(items)
+
+    def mark_batches_seen(self, n):
+        self.seen = n
+
+
+class RecordingDriver(tu.StepDriver):
+    """Records what the loop asks: each step's micro-batches, each log window's size and each epoch end."""
+
+    def __init__(self, run):
+        self.run, self.events = run, []
+
+    def step(self, micro_batches, n_micro):
+        batches = list(micro_batches)
+        assert len(batches) == n_micro
+        self.events.append(("step", batches))
+        return {}
+
+    def scalars(self, steps):
+        self.events.append(("log", self.run.progress.global_step, steps))
+        return {"steps": float(steps)}
+
+    def epoch_done(self, epoch):
+        saved = [p.name for p in tu.list_checkpoints(self.run.output_dir)]
+        self.events.append(("epoch", epoch, saved))
+
+
+def skeleton_run(out: Path, collator: RecordingCollator, save_steps=None):
+    """5 items of batch 1, accumulation 2: steps of 2, 2, 1 micro-batches, 3 steps per epoch, 2 epochs."""
+    torch.manual_seed(0)
+    model = SavableLinear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = tu.GlobalBatchSampler(5, batch_size=1, seed=3)
+    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, 2, num_train_epochs=2)
+    run = tu.TrainingRun(out, model, optimizer, tu.linear_schedule(optimizer, 0, plan.total_steps),
+                         tu.make_grad_scaler(torch.device("cpu"), False), plan, {"seed": 3}, save_steps=save_steps)
+    return run, tu.EpochData(list(range(5)), sampler, collator, seed=3)
+
+
+def test_run_steps_logs_saves_and_calls_epoch_ends_on_schedule(tmp_path):
+    run, data = skeleton_run(tmp_path / "out", RecordingCollator(), save_steps=4)
+    driver = RecordingDriver(run)
+    tu.run_steps(run, data, driver, log_dir=None, logging_steps=4)
+    steps = [e[1] for e in driver.events if e[0] == "step"]
+    assert [len(b) for b in steps] == [2, 2, 1, 2, 2, 1]
+    items = [[i for micro_batch in step for i in micro_batch] for step in steps]
+    assert sorted(sum(items[:3], [])) == list(range(5)) == sorted(sum(items[3:], []))   # each epoch: every item
+    others = [e for e in driver.events if e[0] != "step"]
+    # epoch ends before their checkpoints; a log window at step 4 and the leftover 2 steps at the end
+    assert others == [("epoch", 1, []), ("log", 4, 4), ("epoch", 2, ["checkpoint-3", "checkpoint-4"]),
+                      ("log", 6, 2)]
+    assert [p.name for p in tu.list_checkpoints(run.output_dir)] == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    assert torch.load(run.output_dir / "checkpoint-4" / tu.TRAINER_STATE_NAME, weights_only=True)["extra"] == \
+        {"epoch": 1, "step_in_epoch": 1, "settings": {"seed": 3}}
+
+
+def test_run_steps_stopped_and_resumed_reads_the_same_batches(tmp_path):
+    straight_run, straight_data = skeleton_run(tmp_path / "straight", RecordingCollator())
+    straight = RecordingDriver(straight_run)
+    tu.run_steps(straight_run, straight_data, straight, log_dir=None, logging_steps=100)
+
+    first_run, first_data = skeleton_run(tmp_path / "resumed", RecordingCollator())
+    first = RecordingDriver(first_run)
+    tu.run_steps(first_run, first_data, first, log_dir=None, logging_steps=100, end_step=2)
+    assert [p.name for p in tu.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]   # saved at the stop
+    collator = RecordingCollator()
+    second_run, second_data = skeleton_run(tmp_path / "resumed", collator)
+    second_run.resume(tmp_path / "resumed" / "checkpoint-2", collator)
+    assert second_run.progress == tu.Progress(0, 2, 2) and collator.seen == 4
+    second = RecordingDriver(second_run)
+    tu.run_steps(second_run, second_data, second, log_dir=None, logging_steps=100)
+    batches = [e[1] for d in (first, second) for e in d.events if e[0] == "step"]
+    assert batches == [e[1] for e in straight.events if e[0] == "step"]
+    assert [e for e in second.events if e[0] == "epoch"] == [("epoch", 1, ["checkpoint-2"]),
+                                                              ("epoch", 2, ["checkpoint-2", "checkpoint-3"])]
 
 
 # -- distributed --------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -308,6 +440,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
         tu.barrier()  # both ranks done before the group is torn down
     finally:
         tu.cleanup_distributed()
+    end_spawned_worker(queue)
 
 
 def test_all_gather_with_grad_two_processes_unequal_sizes():

@@ -1,0 +1,75 @@
+"""Range-checked argument types shared by every command line (argparse ``type=``).
+
+A flag's value is checked while the command line is parsed, before any file is read or any work starts, and a bad
+value is a usage error that names the flag and the value, with exit status 2 and no traceback::
+
+    error: argument --topk: must be an integer >= 1 (got '0')
+
+The ranges:
+
+* counts, lengths, batch sizes, depths, intervals: :data:`positive_int` (>= 1);
+* worker counts, warm-up steps, margins: :data:`non_negative_int` (>= 0);
+* seeds: :data:`seed` (0 .. 2**32 - 1, the range numpy's global ``np.random.seed`` accepts);
+* rates and budgets: :data:`positive_float` / :data:`non_negative_float` (finite);
+* :func:`int_range` / :func:`float_range` build any other range.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Optional
+
+SEED_LIMIT = 2 ** 32
+
+
+def _parse(text: str, convert: Callable[[str], float], kind: str) -> float:
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind} (got {text!r})") from None
+
+
+def _describe(kind: str, low: Optional[float], high: Optional[float], low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low}"
+    return f"{kind} <= {high}" if high is not None else kind
+
+
+def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type accepting the integers ``low <= value <= high`` (either bound may be None: unbounded)."""
+    description = _describe("an integer", low, high)
+
+    def parse(text: str) -> int:
+        value = int(_parse(text, int, "an integer"))
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {description} (got {text!r})")
+        return value
+
+    parse.__name__ = description
+    return parse
+
+
+def float_range(low: Optional[float] = None, high: Optional[float] = None,
+                low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type accepting finite numbers from ``low`` (excluded when ``low_open``) to ``high``."""
+    description = _describe("a finite number", low, high, low_open)
+
+    def parse(text: str) -> float:
+        value = _parse(text, float, "a number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {description} (got {text!r})")
+        return value
+
+    parse.__name__ = description
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+seed = int_range(0, SEED_LIMIT - 1)
+positive_float = float_range(0.0, low_open=True)
+non_negative_float = float_range(0.0)
+finite_float = float_range()

@@ -1,0 +1,123 @@
+"""The embedding memmap file: its format and manifest, opening it read-only with checks, and reading its rows in
+blocks of bounded memory.  numpy only (no torch), so a search can open embeddings without the encoder.
+
+Embedding memmap (written by ``corpus_encoding.encode_to_memmap``)
+------------------------------------------------------------------
+Raw float32 ``[N, dim]`` (``np.memmap``, no header), row = offset, plus ``<path>.manifest.json``::
+
+    {"format": "star-adore-embeddings/1", "model_id": "sha256:…", "max_length": 256, "n_rows": N, "dim": 768,
+     "dtype": "float32", "precision": "fp32", "order_hash": "sha256:…", "block_rows": 4096,
+     "completed_rows": 8192, "complete": false}
+
+Rows are encoded longest first (``order_hash`` fingerprints that order: the offsets and their lengths), in blocks of
+``block_rows``; after each block the memmap is flushed and then the manifest is replaced atomically, so an
+interrupted encode resumes at the last finished block and (same batch size and devices) gives the same bytes as
+an uninterrupted one.
+``model_id`` … ``order_hash`` are the *identity* of the file: an existing memmap whose identity differs from the
+current run, or that has no manifest, is never reused silently (the original star/inference.py and
+star/prepare_hardneg.py reused any existing memmap without checking).
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional
+
+import numpy as np
+
+from io_utils import InputError, PathLike, read_json, require_file
+
+MANIFEST_FORMAT = "star-adore-embeddings/1"
+
+
+def manifest_path(out_path: PathLike) -> Path:
+    """``<out_path>.manifest.json``."""
+    return Path(f"{out_path}.manifest.json")
+
+
+def read_manifest(out_path: PathLike) -> Optional[dict]:
+    """The manifest beside an embedding memmap, or None if there is none."""
+    path = manifest_path(out_path)
+    if not path.is_file():
+        return None
+    manifest = read_json(path, "embedding manifest", expect=None)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"not an embedding manifest (format {MANIFEST_FORMAT!r} expected)", path=path)
+    counts = [manifest.get(key) for key in ("n_rows", "dim", "block_rows", "completed_rows")]
+    if not all(isinstance(c, int) and c >= 0 for c in counts) or not isinstance(manifest.get("complete"), bool):
+        raise InputError("embedding manifest lacks n_rows/dim/block_rows/completed_rows/complete", path=path)
+    return manifest
+
+
+def open_embeddings(path: PathLike, dim: Optional[int] = None, check_finite: bool = False) -> np.memmap:
+    """Open an embedding memmap read-only as float32 ``[N, dim]``.
+
+    ``dim`` defaults to the manifest's.  With a manifest the encode must be complete and its dim must equal
+    ``dim``; a file without one (e.g. from the original code) is accepted when its size is a positive multiple
+    of ``dim × 4`` bytes.  ``check_finite`` scans the rows (bounded memory) and rejects NaN/inf, naming the
+    first bad row.  Every problem is an :class:`InputError` naming the file.
+    """
+    p = require_file(path, "embedding memmap")
+    manifest = read_manifest(p)
+    if manifest is not None:
+        if not manifest.get("complete"):
+            raise InputError(f"encoding is incomplete ({manifest.get('completed_rows')} of "
+                             f"{manifest.get('n_rows')} rows); rerun the encoding to resume it", path=p)
+        if dim is not None and dim != manifest.get("dim"):
+            raise InputError(f"embeddings have dim {manifest.get('dim')} (manifest) but the model's is {dim}",
+                             path=p)
+        dim = manifest.get("dim")
+    if dim is None:
+        raise InputError("embedding size unknown: no manifest beside the file and no dim given", path=p)
+    size = p.stat().st_size
+    if size == 0 or size % (dim * 4):
+        raise InputError(f"size is not a positive multiple of dim {dim} x 4 bytes (float32)", path=p,
+                         value=size)
+    embeddings = np.memmap(p, dtype=np.float32, mode="r", shape=(size // (dim * 4), dim))
+    if check_finite:
+        _check_finite(embeddings, p)
+    return embeddings
+
+
+def _check_finite(embeddings: np.ndarray, path: Path, block_rows: int = 65536) -> None:
+    for start, block in iter_row_blocks(embeddings, block_rows):
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise InputError(f"row {start + int(np.argmax(bad))} holds NaN or inf", path=path)
+
+
+def _is_file_memmap(x: np.ndarray) -> bool:
+    """True for a top-level float32 ``np.memmap`` (not a view), whose rows can be read from its file."""
+    return (isinstance(x, np.memmap) and isinstance(x.base, mmap.mmap) and x.filename is not None
+            and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous)
+
+
+def iter_row_blocks(embeddings: np.ndarray, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_row, rows)`` float32 blocks of at most ``block_rows`` rows.
+
+    A file-backed ``np.memmap`` is read with plain file reads into one reused buffer (each yielded block is
+    valid until the next one), so resident memory stays at one block however large the file: slicing the map
+    instead would keep every page it touched resident.  Other arrays are sliced.
+    """
+    n, dim = embeddings.shape
+    if not _is_file_memmap(embeddings):
+        for start in range(0, n, block_rows):
+            yield start, np.ascontiguousarray(embeddings[start:start + block_rows], dtype=np.float32)
+        return
+    buffer = np.empty((min(block_rows, n), dim), np.float32)
+    with open(embeddings.filename, "rb", buffering=0) as f:
+        f.seek(embeddings.offset)
+        for start in range(0, n, block_rows):
+            block = buffer[: min(block_rows, n - start)]
+            _read_into(f, block, embeddings.filename)
+            yield start, block
+
+
+def _read_into(f: BinaryIO, array: np.ndarray, path: str) -> None:
+    view = memoryview(array).cast("B")
+    got = 0
+    while got < len(view):
+        count = f.readinto(view[got:])
+        if not count:
+            raise InputError("embedding file is shorter than its shape says", path=path)
+        got += count
