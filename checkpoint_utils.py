@@ -3,7 +3,8 @@
 :func:`save_checkpoint` writes ``checkpoint-<step>/`` = a plain model folder (``model.save_pretrained``:
 ``config.json`` + ``model.safetensors``, loadable by inference as is) plus ``trainer_state.pt`` (optimizer,
 scheduler, AMP scaler, every rank's RNG states, ``extra`` such as epoch and step-in-epoch), built in a temporary
-folder and renamed into place; :func:`load_checkpoint` restores it.  The RNG states (:func:`get_rng_state` /
+folder and renamed into place; :func:`load_checkpoint` restores it, or refuses a damaged or foreign one before
+restoring anything (:func:`damaged_checkpoint`).  The RNG states (:func:`get_rng_state` /
 :func:`set_rng_state`, after :func:`set_seed`) are part of it, so dropout continues as if never stopped.
 :func:`prepare_output_dir` applies the run folder's rules (non-empty, ``--overwrite_output_dir``, ``--resume``) and
 :func:`checkpoint_to_resume` picks the checkpoint ``--resume`` continues from (``checkpoint_paths.py`` finds them).
@@ -11,6 +12,7 @@ folder and renamed into place; :func:`load_checkpoint` restores it.  The RNG sta
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -18,12 +20,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from checkpoint_paths import (CHECKPOINT_PREFIX, TRAINER_STATE_NAME, checkpoint_step, latest_checkpoint,
                               list_checkpoints)
 from dist_utils import all_gather_object, barrier, get_rank, get_world_size, unwrap_model
 from io_utils import InputError, PathLike, atomic_directory, atomic_write_json, remove_stale_temporaries
+from model import SAFETENSORS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -101,42 +105,118 @@ def save_checkpoint(output_dir: PathLike, step: int, model: torch.nn.Module, opt
     return final
 
 
+def damaged_checkpoint(folder: PathLike, what: str) -> InputError:
+    """The :class:`InputError` for a ``checkpoint-<step>`` folder that cannot be resumed: says ``what`` is wrong
+    and how to go on."""
+    return InputError(f"{what}: a damaged or foreign checkpoint; delete this folder to resume from the previous "
+                      f"checkpoint, or pass --overwrite_output_dir instead of --resume to start over", path=folder)
+
+
+# trainer_state.pt entries (save_checkpoint) and the types load_checkpoint needs
+STATE_TYPES: dict[str, Any] = {"global_step": int, "optimizer": dict, "scheduler": (dict, type(None)),
+                               "scaler": (dict, type(None)), "rng": list, "extra": dict}
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    path = folder / TRAINER_STATE_NAME
+    if not path.is_file():
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} holds objects other than tensors and plain types "
+                                         f"(not written by this program)") from None
+    except Exception:  # noqa: BLE001 - torch raises RuntimeError, OSError, EOFError … for a cut or foreign file
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} cannot be read (truncated, or not a torch.save "
+                                         f"file)") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != STATE_FORMAT_VERSION:
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} is not a trainer state of format "
+                                         f"{STATE_FORMAT_VERSION} (format {version!r})")
+    bad = [key for key, kind in STATE_TYPES.items() if not isinstance(state.get(key), kind)]
+    if bad or not state["rng"]:
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} lacks {', '.join(bad) or 'rng'}")
+    return state
+
+
+def _read_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``model.safetensors``, which must hold exactly ``model``'s weights, shapes included."""
+    path = folder / SAFETENSORS_NAME
+    if not path.is_file():
+        raise damaged_checkpoint(folder, f"{SAFETENSORS_NAME} is missing")
+    try:
+        weights = load_safetensors(str(path))
+    except (SafetensorError, OSError) as e:
+        raise damaged_checkpoint(folder, f"{SAFETENSORS_NAME} cannot be read ({e})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    resized = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing:
+        problem = f"lacks {len(missing)} of this model's weights, e.g. {missing[0]}"
+    elif unexpected:
+        problem = f"has {len(unexpected)} weights this model lacks, e.g. {unexpected[0]}"
+    elif resized:
+        k = resized[0]
+        problem = f"has {k} of shape {list(weights[k].shape)}, this model's is {list(own[k].shape)}"
+    else:
+        return weights
+    raise damaged_checkpoint(folder, f"{SAFETENSORS_NAME} {problem} (a model of another size: hidden size, "
+                                     f"output dim?)")
+
+
+def _check_optimizer_state(folder: Path, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a saved optimizer state whose parameter groups or per-parameter tensors do not fit ``optimizer``
+    (``Optimizer.load_state_dict`` would accept tensors of other shapes and fail at the next step)."""
+    groups, own = saved.get("param_groups"), optimizer.param_groups
+    if not (isinstance(groups, list) and isinstance(saved.get("state"), dict) and len(groups) == len(own)
+            and all(isinstance(g, dict) and len(g.get("params", ())) == len(o["params"]) for g, o in zip(groups, own))):
+        raise damaged_checkpoint(folder, f"the optimizer state in {TRAINER_STATE_NAME} has other parameter groups "
+                                         f"than this model's optimizer")
+    params = {i: p for g, o in zip(groups, own) for i, p in zip(g["params"], o["params"])}
+    for i, entries in saved["state"].items():
+        target = params.get(i)
+        if target is None or not isinstance(entries, dict) or any(
+                isinstance(v, torch.Tensor) and v.dim() and v.shape != target.shape for v in entries.values()):
+            raise damaged_checkpoint(folder, f"the optimizer state in {TRAINER_STATE_NAME} does not fit this model "
+                                             f"(parameter {i})")
+
+
 def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into the given objects; return the state's ``extra`` dict
     with ``global_step`` added.
 
-    Model weights are read from ``model.safetensors`` (strict: every key must match).  The RNG state restored is
-    this rank's (rank 0's, with a warning, when the world size changed).  Call after moving the model to its
-    device and before building DDP.
+    Model weights are read from ``model.safetensors`` (strict: every key and shape must match).  The RNG state
+    restored is this rank's (rank 0's, with a warning, when the world size changed).  Call after moving the model
+    to its device and before building DDP.  A missing, truncated or foreign file, or weights / optimizer state that
+    do not fit the given objects, raise :class:`InputError` (:func:`damaged_checkpoint`) before anything is
+    restored.
     """
     folder = Path(path)
-    state_path = folder / TRAINER_STATE_NAME
-    if not state_path.is_file():
-        raise InputError("not a training checkpoint (no trainer_state.pt)", path=folder)
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: report it as an input problem
-        raise InputError(f"cannot read the trainer state: {e}", path=state_path) from None
-    if state.get("format_version") != STATE_FORMAT_VERSION:
-        raise InputError("unsupported trainer_state.pt format", path=state_path, value=state.get("format_version"))
-    if model is not None:
-        target = unwrap_model(model)
-        weights = load_safetensors(str(folder / "model.safetensors"))
-        target.load_state_dict(weights, strict=True)
+    state = _read_state(folder)
+    weights = None if model is None else _read_weights(folder, unwrap_model(model))
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        rank, states = get_rank(), state["rng"]
-        if len(states) != get_world_size():
-            logger.warning("%s was saved by %d process(es), resuming with %d: RNG streams differ from an "
-                           "uninterrupted run", folder, len(states), get_world_size())
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        _check_optimizer_state(folder, state["optimizer"], optimizer)
+    try:
+        if weights is not None:
+            unwrap_model(model).load_state_dict(weights, strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if restore_rng:
+            rank, states = get_rank(), state["rng"]
+            if len(states) != get_world_size():
+                logger.warning("%s was saved by %d process(es), resuming with %d: RNG streams differ from an "
+                               "uninterrupted run", folder, len(states), get_world_size())
+            set_rng_state(states[rank] if rank < len(states) else states[0])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # inner entries of another format
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise damaged_checkpoint(folder, f"{TRAINER_STATE_NAME} does not fit this run ({type(e).__name__}: "
+                                         f"{first_line})") from None
     return {**state["extra"], "global_step": state["global_step"]}
 
 
@@ -166,10 +246,19 @@ def prepare_output_dir(output_dir: PathLike, overwrite: bool, resume: bool) -> N
 
 
 def checkpoint_to_resume(output_dir: PathLike, resume: bool) -> Optional[Path]:
-    """With ``resume``, the latest checkpoint of ``output_dir`` (None, logged, when there is none); else None."""
+    """With ``resume``, the latest checkpoint of ``output_dir`` (None, logged, when there is none); else None.
+
+    A ``checkpoint-<step>`` folder of a higher step without ``trainer_state.pt`` (never written by
+    :func:`save_checkpoint`, which renames complete folders into place) is refused (:func:`damaged_checkpoint`)
+    rather than skipped: training on would replace it."""
     if not resume:
         return None
     checkpoint = latest_checkpoint(output_dir)
+    last = -1 if checkpoint is None else checkpoint_step(checkpoint)
+    steps = {p: checkpoint_step(p) for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
+    newer = [p for p, step in steps.items() if step is not None and step > last]
+    if newer:
+        raise damaged_checkpoint(max(newer, key=checkpoint_step), f"{TRAINER_STATE_NAME} is missing")
     if checkpoint is None:
         logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
     return checkpoint

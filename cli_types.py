@@ -11,13 +11,21 @@ The ranges:
 * worker counts, warm-up steps, margins: :data:`non_negative_int` (>= 0);
 * seeds: :data:`seed` (0 .. 2**32 - 1, the range numpy's global ``np.random.seed`` accepts);
 * rates and budgets: :data:`positive_float` / :data:`non_negative_float` (finite);
+* Adam/Lamb betas: :data:`beta` (``[0, 1)``);
 * :func:`int_range` / :func:`float_range` build any other range.
+
+A thread or worker count has no safe fixed bound (each costs memory; 10**12 would exhaust it), so the code caps it
+at the machine's CPUs with :func:`at_most_cpus` where it is used.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 from typing import Callable, Optional
+
+logger = logging.getLogger(__name__)
 
 SEED_LIMIT = 2 ** 32
 
@@ -29,12 +37,13 @@ def _parse(text: str, convert: Callable[[str], float], kind: str) -> float:
         raise argparse.ArgumentTypeError(f"must be {kind} (got {text!r})") from None
 
 
-def _describe(kind: str, low: Optional[float], high: Optional[float], low_open: bool = False) -> str:
+def _describe(kind: str, low: Optional[float], high: Optional[float], low_open: bool = False,
+              high_open: bool = False) -> str:
     if low is not None and high is not None:
-        return f"{kind} in {'(' if low_open else '['}{low}, {high}]"
+        return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if low is not None:
         return f"{kind} {'>' if low_open else '>='} {low}"
-    return f"{kind} <= {high}" if high is not None else kind
+    return f"{kind} {'<' if high_open else '<='} {high}" if high is not None else kind
 
 
 def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable[[str], int]:
@@ -51,15 +60,17 @@ def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable
     return parse
 
 
-def float_range(low: Optional[float] = None, high: Optional[float] = None,
-                low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type accepting finite numbers from ``low`` (excluded when ``low_open``) to ``high``."""
-    description = _describe("a finite number", low, high, low_open)
+def float_range(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+                high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type accepting finite numbers from ``low`` to ``high`` (each excluded when ``low_open`` /
+    ``high_open``)."""
+    description = _describe("a finite number", low, high, low_open, high_open)
 
     def parse(text: str) -> float:
         value = _parse(text, float, "a number")
         too_low = low is not None and (value <= low if low_open else value < low)
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"must be {description} (got {text!r})")
         return value
 
@@ -67,9 +78,21 @@ def float_range(low: Optional[float] = None, high: Optional[float] = None,
     return parse
 
 
+integer = int_range()
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 seed = int_range(0, SEED_LIMIT - 1)
 positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 finite_float = float_range()
+beta = float_range(0.0, 1.0, high_open=True)
+
+
+def at_most_cpus(count: Optional[int], flag: str) -> Optional[int]:
+    """``count`` threads or worker processes capped at this machine's logical CPUs, with a warning naming ``flag``
+    when capped (more gain nothing on CPU-bound work, and each costs memory); None stays None."""
+    cpus = os.cpu_count() or 1
+    if count is None or count <= cpus:
+        return count
+    logger.warning("%s %d exceeds the %d CPUs of this machine: using %d", flag, count, cpus, cpus)
+    return cpus

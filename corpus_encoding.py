@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+import cli_types as ct
 from exact_search import add_search_args  # faiss before torch (JPQ PR #2: the other order failed on some machines)
 
 import torch
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import SequenceCollator, SequenceDataset, TokenIdsCache
-from embedding_memmap import MANIFEST_FORMAT, manifest_path, read_manifest
+from embedding_memmap import MANIFEST_FORMAT, manifest_mismatch, manifest_path, read_manifest
 from io_utils import InputError, PathLike, atomic_write_json
 from model import DenseEncoder, model_identity
 
@@ -113,18 +114,20 @@ def _stale_reason(path: Path, manifest: Optional[dict], identity: dict) -> Optio
     for key in IDENTITY_FIELDS:
         if manifest.get(key) != identity[key]:
             return f"it was encoded with {key}={manifest.get(key)!r}, this run has {key}={identity[key]!r}"
-    expected = identity["n_rows"] * identity["dim"] * 4
-    actual = path.stat().st_size
-    if actual != expected:
-        return f"its size is {actual} bytes, {expected} expected"
-    return None
+    problem = manifest_mismatch(path.stat().st_size, manifest)  # e.g. replaced, truncated or float64
+    return None if problem is None else f"the file {problem}"
 
 
 def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, overwrite: bool) -> dict:
     """Apply the reuse policy of :func:`encode_to_memmap`; return the manifest to continue from."""
     if path.exists():
-        manifest = read_manifest(path)
-        problem = _stale_reason(path, manifest, identity)
+        try:
+            manifest = read_manifest(path)
+            problem = _stale_reason(path, manifest, identity)
+        except InputError as e:  # an unreadable manifest: refused, or replaced by re-encoding with overwrite
+            if not overwrite:
+                raise
+            manifest, problem = None, str(e)
         if problem is None and resume:
             if manifest["complete"]:
                 logger.info("%s: reusing complete embeddings (manifest matches)", path)
@@ -287,12 +290,23 @@ def encode_split(model: torch.nn.Module, model_id: str, preprocess_dir: PathLike
                             unit=unit)
 
 
+def add_query_and_corpus_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """``--max_query_length``, ``--max_doc_length`` and ``--eval_batch_size`` (default ``batch_size``): the flags
+    :func:`encode_queries_and_corpus` reads besides :func:`add_encoding_args`' (the original's defaults)."""
+    parser.add_argument("--max_query_length", type=ct.positive_int, default=32,
+                        help="query truncation in tokens (default %(default)s)")
+    parser.add_argument("--max_doc_length", type=ct.positive_int, default=512,
+                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
+    parser.add_argument("--eval_batch_size", type=ct.positive_int, default=batch_size,
+                        help="encoding batch size per GPU (default %(default)s)")
+
+
 def encode_queries_and_corpus(model_dir: PathLike, preprocess_dir: PathLike, mode: str, output_dir: PathLike,
                               args: argparse.Namespace) -> tuple[np.memmap, np.memmap]:
     """Load the encoder of ``model_dir`` and encode the ``{mode}-query`` split and the ``passages`` of
     ``preprocess_dir`` into ``output_dir/{mode}-query.memmap`` and ``output_dir/passages.memmap`` (resumable,
     :func:`encode_split`), as star/inference.py and star/prepare_hardneg.py do: the flags of
-    :func:`add_encoding_args` plus ``--eval_batch_size``, ``--max_query_length`` and ``--max_doc_length``.
+    :func:`add_encoding_args` and :func:`add_query_and_corpus_args`.
     Returns ``(queries, passages)``."""
     model, model_id, pad = load_encoder(model_dir, allow_pickle=args.allow_pickle)
     common = dict(batch_size=args.eval_batch_size, device=inference_device(args.no_cuda), pad_token_id=pad,

@@ -156,7 +156,8 @@ class SequenceDataset(Dataset):
             if bad.any():
                 raise InputError(f"offset out of range for {len(cache)} rows", path=cache.path,
                                  value=int(self.offsets[bad][0]))
-        self.lengths = np.minimum(cache.lengths[self.offsets], max_seq_length)
+        # No row is wider than the stored width: capping there also keeps a huge max_seq_length out of int32.
+        self.lengths = np.minimum(cache.lengths[self.offsets], min(max_seq_length, cache.max_length))
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -184,13 +185,22 @@ def _iter_fields(path: PathLike, columns: tuple[int, ...], what: str) -> Iterato
         yield number, fields
 
 
-def load_rel(path: PathLike) -> dict[int, list[int]]:
-    """``qoffset 0 poffset rel`` lines → ``{qoffset: [poffset, ...]}`` in file order.
+class Qrels(dict):
+    """``{qoffset: [poffset, ...]}`` as :func:`load_rel` reads it, remembering ``path``, the file it came from, so
+    that an error about its content names the file."""
+
+    def __init__(self, path: Optional[PathLike] = None):
+        super().__init__()
+        self.path = path
+
+
+def load_rel(path: PathLike) -> Qrels:
+    """``qoffset 0 poffset rel`` lines → ``{qoffset: [poffset, ...]}`` in file order (a :class:`Qrels`).
 
     Faithful: the grade column is ignored, so every listed pair counts as relevant (rel=0 lines included), and
     a pair listed twice appears twice.
     """
-    rel: dict[int, list[int]] = {}
+    rel = Qrels(path)
     for number, fields in _iter_fields(path, (4,), "qrel file"):
         q = parse_int(fields[0], path, number, "query offset")
         p = parse_int(fields[2], path, number, "passage offset")
@@ -423,7 +433,8 @@ class TrainQueryDataset(Dataset):
         self.max_query_length = max_query_length
         self.qids = _train_qids(rel_dict)
         if not len(self.qids):
-            raise InputError("no training query has a positive in the qrels")
+            raise InputError("no training query has a positive in the qrels (empty qrels file?)",
+                             path=getattr(rel_dict, "path", None))
         _check_offsets(self.qids, len(query_cache), "query offset", query_cache)
 
     def __len__(self) -> int:
@@ -515,13 +526,14 @@ class TrainInbatchWithHardDataset(TrainInbatchDataset):
 
 class TrainInbatchWithRandDataset(TrainInbatchDataset):
     """Rand-Neg: each item also brings ``rand_num`` offsets drawn uniformly (with replacement) from the
-    whole corpus; positives are not filtered here (the collator's masks handle them)."""
+    whole corpus (so at most its size); positives are not filtered here (the collator's masks handle them)."""
 
     def __init__(self, rel_dict: RelDict, query_cache: TokenIdsCache, doc_cache: TokenIdsCache,
                  max_query_length: int, max_doc_length: int, seed: int = 42, *, rand_num: int):
         super().__init__(rel_dict, query_cache, doc_cache, max_query_length, max_doc_length, seed)
-        if rand_num < 1:
-            raise ValueError(f"rand_num must be >= 1, got {rand_num}")
+        if not 1 <= rand_num <= len(doc_cache):
+            raise InputError(f"rand_num must lie in [1, {len(doc_cache)}] (documents in the corpus)",
+                             path=doc_cache.path, value=rand_num)
         self.rand_num = rand_num
 
     def _extra_ids(self, qid: int, rng: np.random.Generator) -> list[int]:

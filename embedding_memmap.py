@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -36,7 +36,8 @@ def manifest_path(out_path: PathLike) -> Path:
 
 
 def read_manifest(out_path: PathLike) -> Optional[dict]:
-    """The manifest beside an embedding memmap, or None if there is none."""
+    """The manifest beside an embedding memmap, or None if there is none; one without the counts (``dim`` >= 1)
+    raises :class:`InputError`.  Whether the file matches it: :func:`manifest_mismatch`."""
     path = manifest_path(out_path)
     if not path.is_file():
         return None
@@ -46,18 +47,44 @@ def read_manifest(out_path: PathLike) -> Optional[dict]:
     counts = [manifest.get(key) for key in ("n_rows", "dim", "block_rows", "completed_rows")]
     if not all(isinstance(c, int) and c >= 0 for c in counts) or not isinstance(manifest.get("complete"), bool):
         raise InputError("embedding manifest lacks n_rows/dim/block_rows/completed_rows/complete", path=path)
+    if manifest["dim"] < 1:
+        raise InputError("embedding manifest has dim < 1", path=path, value=manifest["dim"])
     return manifest
 
 
-def open_embeddings(path: PathLike, dim: Optional[int] = None, check_finite: bool = False) -> np.memmap:
+class CorpusRows(NamedTuple):
+    """The passage count of a preprocessed corpus (``count``) and the ``{prefix}_meta`` file it comes from
+    (``meta``, named in errors): the rows an embedding file of that corpus must have."""
+    count: int
+    meta: Path
+
+
+def corpus_rows(preprocess_dir: PathLike) -> Optional[CorpusRows]:
+    """The ``total_number`` of ``{preprocess_dir}/passages_meta`` (``preprocess.py``; format in ``dataset.py``), or
+    None when the folder has no ``passages_meta`` (e.g. one holding only queries).  A meta file without a count
+    >= 0 raises :class:`InputError`."""
+    meta = Path(preprocess_dir) / "passages_meta"
+    if not meta.is_file():
+        return None
+    count = read_json(meta, "token meta file").get("total_number")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise InputError("token meta file lacks a total_number >= 0", path=meta, value=count)
+    return CorpusRows(count, meta)
+
+
+def open_embeddings(path: PathLike, dim: Optional[int] = None, check_finite: bool = False,
+                    n_rows: Union[int, CorpusRows, None] = None) -> np.memmap:
     """Open an embedding memmap read-only as float32 ``[N, dim]``.
 
-    ``dim`` defaults to the manifest's.  With a manifest the encode must be complete and its dim must equal
-    ``dim``; a file without one (e.g. from the original code) is accepted when its size is a positive multiple
-    of ``dim × 4`` bytes.  ``check_finite`` scans the rows (bounded memory) and rejects NaN/inf, naming the
-    first bad row.  Every problem is an :class:`InputError` naming the file.
+    ``dim`` defaults to the manifest's.  With a manifest the encode must be complete, its dim must equal ``dim``,
+    its dtype must be float32 and the file must hold exactly its ``n_rows`` x ``dim`` x 4 bytes; a file without one
+    (e.g. from the original code) is accepted when its size is a positive multiple of ``dim × 4`` bytes.
+    ``n_rows`` (e.g. :func:`corpus_rows` of the corpus the embeddings claim to cover) is the number of rows the file
+    must have, with or without a manifest.  ``check_finite`` scans the rows (bounded memory) and rejects NaN/inf,
+    naming the first bad row.  Every problem is an :class:`InputError` naming the file (and both numbers).
     """
     p = require_file(path, "embedding memmap")
+    size = p.stat().st_size
     manifest = read_manifest(p)
     if manifest is not None:
         if not manifest.get("complete"):
@@ -66,17 +93,47 @@ def open_embeddings(path: PathLike, dim: Optional[int] = None, check_finite: boo
         if dim is not None and dim != manifest.get("dim"):
             raise InputError(f"embeddings have dim {manifest.get('dim')} (manifest) but the model's is {dim}",
                              path=p)
+        problem = manifest_mismatch(size, manifest)
+        if problem is not None:
+            raise InputError(problem, path=p)
         dim = manifest.get("dim")
     if dim is None:
         raise InputError("embedding size unknown: no manifest beside the file and no dim given", path=p)
-    size = p.stat().st_size
     if size == 0 or size % (dim * 4):
         raise InputError(f"size is not a positive multiple of dim {dim} x 4 bytes (float32)", path=p,
                          value=size)
-    embeddings = np.memmap(p, dtype=np.float32, mode="r", shape=(size // (dim * 4), dim))
+    rows = size // (dim * 4)
+    if n_rows is not None:
+        _check_rows(p, rows, n_rows)
+    embeddings = np.memmap(p, dtype=np.float32, mode="r", shape=(rows, dim))
     if check_finite:
         _check_finite(embeddings, p)
     return embeddings
+
+
+def manifest_mismatch(size: int, manifest: dict) -> Optional[str]:
+    """Why a file of ``size`` bytes is not the one ``manifest`` describes (its dtype must be float32, its size
+    ``n_rows`` x ``dim`` x 4 bytes), or None when it is."""
+    dtype = manifest.get("dtype", "float32")  # the only dtype the format has had
+    if dtype != "float32":
+        return f"is {dtype} according to its manifest, but embedding files are float32"
+    n_rows, dim = manifest["n_rows"], manifest["dim"]
+    expected = n_rows * dim * 4
+    if size == expected:
+        return None
+    if size == 2 * expected:
+        return f"is 2x the float32 size its manifest describes (float64?): {size} bytes, {expected} expected"
+    if size % (dim * 4) == 0:
+        return f"holds {size // (dim * 4)} rows but its manifest says {n_rows}"
+    return f"is {size} bytes but its manifest describes {n_rows} x {dim} x 4 = {expected}"
+
+
+def _check_rows(path: Path, rows: int, n_rows: Union[int, CorpusRows]) -> None:
+    expected, source = ((n_rows.count, f"the corpus in {n_rows.meta} has") if isinstance(n_rows, CorpusRows)
+                        else (n_rows, "expected:"))
+    if rows != expected:
+        hint = " (a float64 file?)" if rows == 2 * expected else ""
+        raise InputError(f"covers {rows} passages{hint} but {source} {expected}", path=path)
 
 
 def _check_finite(embeddings: np.ndarray, path: Path, block_rows: int = 65536) -> None:

@@ -5,10 +5,10 @@ inner-product index.
 
 Search results
 --------------
-``(scores float32 [nq, k], ids int64 [nq, k])``, each row sorted by decreasing score; bitwise-equal scores are
-ordered by increasing id, also at the k-th place (so the result equals ``np.argsort(-scores, kind="stable")[:k]``
-of the same scores).  When k exceeds the number of rows N, columns N… hold id ``-1`` and score ``-inf``; rank
-files never contain them.
+``(scores float32 [nq, min(k, N)], ids int64 [nq, min(k, N)])`` over N rows, each row sorted by decreasing score;
+bitwise-equal scores are ordered by increasing id, also at the k-th place (so the result equals
+``np.argsort(-scores, kind="stable")[:k]`` of the same scores).  A k above N returns all N rows (never padded),
+so the memory of a search follows the data: a huge k costs no more than k = N.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+import cli_types as ct
 from embedding_memmap import iter_row_blocks
 from io_utils import InputError, PathLike, atomic_output
 
@@ -30,7 +31,7 @@ QUERY_BATCH = 4096                # queries per faiss call
 TIE_MARGIN = 16                   # extra results asked from faiss to settle ties at the k-th place
 GPU_MAX_K = 2048                  # largest k faiss GPU indexes accept
 MAX_SEARCH_BLOCK_BYTES = 1 << 30  # corpus block of the streamed search: larger blocks gain nothing
-PAD_ID = -1
+PAD_ID = -1                       # fill of the streamed search's running top-k before its first block
 PAD_SCORE = -np.inf
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -96,23 +97,13 @@ def exact_topk(search: SearchFn, queries: np.ndarray, k: int, n: int, k_limit: i
     return out_scores, out_ids
 
 
-def _pad_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Widen results to k columns with id -1 / score -inf (when k exceeds the number of rows)."""
-    missing = k - scores.shape[1]
-    if missing <= 0:
-        return scores, ids
-    nq = scores.shape[0]
-    return (np.hstack([scores, np.full((nq, missing), PAD_SCORE, np.float32)]),
-            np.hstack([ids, np.full((nq, missing), PAD_ID, np.int64)]))
-
-
 def join_batches(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The results of consecutive query batches over ``n`` rows (each ``min(k, n)`` wide) as one result of
-    ``k`` columns in the module's format."""
+    """The results of consecutive query batches over ``n`` rows (each ``min(k, n)`` wide) as one result in the
+    module's format."""
     kk = min(k, n)
     scores = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, kk), np.float32)
     ids = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, kk), np.int64)
-    return _pad_columns(scores, ids, k)
+    return scores, ids
 
 
 def _check_search_args(n: int, dim: int, queries: np.ndarray, k: int) -> np.ndarray:
@@ -154,7 +145,8 @@ class FlatIPIndex:
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = QUERY_BATCH,
                desc: Optional[str] = "search") -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ``(scores float32 [nq, k], ids int64 [nq, k])`` in query batches (see the module docstring)."""
+        """Top-k ``(scores float32 [nq, min(k, N)], ids int64 [nq, min(k, N)])`` in query batches (see the module
+        docstring)."""
         queries = _check_search_args(self.ntotal, self.dim, queries, k)
         k_limit = GPU_MAX_K if self.gpus else self.ntotal
         parts = []
@@ -163,17 +155,28 @@ class FlatIPIndex:
         return join_batches(parts, k, self.ntotal)
 
 
+def physical_memory_bytes() -> int:
+    """The machine's memory (RAM) in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def memory_budget_bytes(mem_gb: Optional[float] = None) -> int:
-    """``mem_gb`` GiB, or by default half of the memory available now (``MemAvailable``)."""
+    """``mem_gb`` GiB capped at the machine's memory, with a warning (a larger budget would build in RAM an index
+    that cannot fit there), or by default half of the memory available now (``MemAvailable``)."""
     if mem_gb is not None:
         if mem_gb <= 0:
             raise InputError("the search memory budget must be positive", value=mem_gb)
+        total = physical_memory_bytes()
+        if mem_gb > total / (1 << 30):
+            logger.warning("--search_mem_gb %g exceeds the machine's %.1f GiB of memory: using that", mem_gb,
+                           total / (1 << 30))
+            return total
         return int(mem_gb * (1 << 30))
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        available = physical_memory_bytes()
     return available // 2
 
 
@@ -184,8 +187,9 @@ def streamed_search(embeddings: np.ndarray, queries: np.ndarray, k: int, block_r
     memmap larger than RAM (MS MARCO passage: 27 GB).  Same results as :meth:`FlatIPIndex.search`.
 
     Memory: one corpus block (``block_rows × dim × 4`` bytes; by default half of ``mem_gb`` — see
-    :func:`memory_budget_bytes` — capped at 1 GiB), the results (``nq × k × 12`` bytes) and per query batch
-    ``batch_size × (2k + 16) × 12`` bytes of merge buffers.  Each block is searched with faiss (exact, CPU).
+    :func:`memory_budget_bytes` — capped at 1 GiB), the results (``nq × min(k, N) × 12`` bytes) and per query
+    batch ``batch_size × (2 min(k, N) + 16) × 12`` bytes of merge buffers.  Each block is searched with faiss
+    (exact, CPU).
     """
     n, dim = embeddings.shape
     queries = _check_search_args(n, dim, queries, k)
@@ -205,7 +209,7 @@ def streamed_search(embeddings: np.ndarray, queries: np.ndarray, k: int, block_r
                 best_scores[rows], best_ids[rows] = _merge_topk(best_scores[rows], best_ids[rows], scores,
                                                                 ids + start, kk)
             bar.update(len(block))
-    return _pad_columns(best_scores, best_ids, k)
+    return best_scores, best_ids
 
 
 def _merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,
@@ -265,7 +269,7 @@ def rank_queries(docs: np.ndarray, queries: np.ndarray, k: int, rank_path: PathL
                  with_scores: bool = False) -> np.ndarray:
     """The exact top-``k`` documents of every query (query offset = row) written as the rank file ``rank_path``
     (:func:`exact_search`, then :func:`write_rank_file`, with the scores when ``with_scores``); returns the ids
-    ``int64 [nq, k]``."""
+    ``int64 [nq, min(k, N)]``."""
     scores, ids = exact_search(docs, queries, k, gpus=gpus, mem_gb=mem_gb)
     lines = write_rank_file(rank_path, np.arange(len(queries)), ids, scores if with_scores else None)
     logger.info("wrote %d lines to %s", lines, rank_path)
@@ -274,11 +278,12 @@ def rank_queries(docs: np.ndarray, queries: np.ndarray, k: int, rank_path: PathL
 
 def add_search_args(parser: argparse.ArgumentParser, topk: int) -> None:
     """``--topk``, ``--faiss_gpus``, ``--search_mem_gb``, ``--with_scores``."""
-    parser.add_argument("--topk", type=int, default=topk, help=f"results per query (default {topk})")
-    parser.add_argument("--faiss_gpus", type=int, nargs="+", default=None,
+    parser.add_argument("--topk", type=ct.positive_int, default=topk,
+                        help=f"results per query, at most the number of documents (default {topk})")
+    parser.add_argument("--faiss_gpus", type=ct.non_negative_int, nargs="+", default=None,
                         help="GPU ids for faiss (several: sharded index); CPU faiss if absent or unsupported")
-    parser.add_argument("--search_mem_gb", type=float, default=None,
-                        help="RAM budget for CPU search: larger embedding files are searched streamed from disk "
-                             "(default: half of the available memory)")
+    parser.add_argument("--search_mem_gb", type=ct.positive_float, default=None,
+                        help="RAM budget for CPU search, at most the machine's memory: larger embedding files are "
+                             "searched streamed from disk (default: half of the available memory)")
     parser.add_argument("--with_scores", action="store_true",
                         help="add the inner-product score as a 4th rank-file column (the original writes 3)")

@@ -144,7 +144,9 @@ class DenseEncoder(torch.nn.Module):
         try:
             self.load_state_dict(found, strict=not fresh_head)
         except RuntimeError as e:  # shape mismatch: the config does not describe these weights
-            raise InputError(f"weights do not fit the config: {e}", path=weights_path) from None
+            problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise InputError(f"weights do not fit the config: {problems[0]}{more}", path=weights_path) from None
 
     # -- encoding -----------------------------------------------------------------------------------------
     @property

@@ -71,6 +71,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
+import cli_types as ct
 from io_utils import InputError, PathLike, iter_lines, parse_int, run_cli
 from run_file import check_ids, iter_run, parse_docid, parse_qid, trec_eval_order
 
@@ -147,27 +148,28 @@ def load_candidate(path: PathLike, ids: str = "int", max_rank: int = MAX_RANK) -
     """Read a run file (:func:`run_file.iter_run`) → ``{qid: Ranking}`` in file order.
 
     Raises :class:`InputError` on a malformed line, a rank past ``max_rank``, a (qid, rank) pair given twice, or
-    an empty file.  A docid listed twice for a query is only a warning (the original printed a message).
+    an empty file.  A docid listed twice for a query is only a warning (the original printed a message).  Memory
+    follows the file, whatever ``max_rank`` is.
     """
     run: Run = {}
-    taken: dict[Hashable, bytearray] = {}    # per query, 1 at each rank already given
+    taken: dict[Hashable, set[int]] = {}    # per query, the ranks already given
     is_trec = False
     for number, qid, docid, rank, score in iter_run(path, ids, "candidate file"):
         ranking = run.get(qid)
         if ranking is None:
             ranking = run[qid] = Ranking(scores=None if score is None else [])
-            taken[qid] = bytearray(max_rank + 1)
+            taken[qid] = set()
         if rank is None:
             is_trec = True
             rank = len(ranking.ranks) + 1          # replaced by the trec_eval position below
         elif rank > max_rank:
             raise InputError(f"rank is past the {max_rank} slots per query of the MS MARCO evaluator",
                              path=path, line=number, value=rank)
-        elif taken[qid][rank]:
+        elif rank in taken[qid]:
             raise InputError(f"query {qid} already has a document at this rank", path=path, line=number,
                              value=rank)
         else:
-            taken[qid][rank] = 1
+            taken[qid].add(rank)
         ranking.docids.append(docid)
         ranking.ranks.append(rank)
         if score is not None:
@@ -242,18 +244,20 @@ def _average_precision(order: list, judged: dict[Hashable, int], rel_threshold: 
 
 
 def compute_metrics(qrels: Qrels, run: Run, metrics: Sequence[str] = ("MRR@10",),
-                    rel_threshold: int = 1) -> dict[str, float]:
+                    rel_threshold: int = 1, reference: Optional[PathLike] = None) -> dict[str, float]:
     """Mean of each metric (definitions in the module docstring) → ``{metric name: value}``, in ``metrics`` order.
 
-    Queries of ``run`` absent from ``qrels`` are ignored.  Raises :class:`InputError` if no query of ``run`` is in
-    ``qrels`` (the original's "no matching qids"), or if MRR/R is asked and no judgment reaches ``rel_threshold``.
+    Queries of ``run`` absent from ``qrels`` are ignored.  Raises :class:`InputError` (naming ``reference``, the
+    qrels file, when given) if no query of ``run`` is in ``qrels`` (the original's "no matching qids"), or if MRR/R
+    is asked and no judgment reaches ``rel_threshold``.
     """
     parsed = {name: parse_metric(name) for name in metrics}
     if not any(qid in qrels for qid in run):
-        raise InputError(f"none of the {len(run)} candidate query ids is in the reference (no matching qids)")
+        raise InputError(f"none of the {len(run)} candidate query ids is in the reference (no matching qids)",
+                         path=reference)
     relevant = relevant_docs(qrels, rel_threshold)
     if not relevant and any(kind in ("MRR", "R") for kind, _ in parsed.values()):
-        raise InputError(f"no reference judgment has a grade >= {rel_threshold} (--rel_threshold)")
+        raise InputError(f"no reference judgment has a grade >= {rel_threshold} (--rel_threshold)", path=reference)
     needs_order = any(kind in ("nDCG", "P", "MAP") for kind, _ in parsed.values())
     sums = dict.fromkeys(metrics, 0.0)
     for qid, ranking in run.items():       # candidate order: sums bit-identical to the original's MRR
@@ -308,7 +312,7 @@ def evaluate_files(reference: PathLike, candidate: PathLike, metrics: Sequence[s
         print(f"note: {below} reference judgments have a grade < {rel_threshold} and are not relevant; the "
               f"original msmarco_eval.py counted every line as relevant (DRhard issue #8), which "
               f"--rel_threshold 0 reproduces", file=sys.stderr)
-    result: dict[str, Any] = compute_metrics(qrels, run, metrics, rel_threshold)
+    result: dict[str, Any] = compute_metrics(qrels, run, metrics, rel_threshold, reference)
     result["QueriesRanked"] = len(run)
     return result
 
@@ -340,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="N for MRR@N (default 10), or 'doc': MRR@100 with D-prefixed document ids")
     parser.add_argument("--metrics", nargs="+", default=[],
                         help="extra metrics: R@k, P@k, nDCG@k, MAP, MRR@N (e.g. --metrics R@100 R@1000 nDCG@10)")
-    parser.add_argument("--rel_threshold", type=int, default=1,
+    parser.add_argument("--rel_threshold", type=ct.integer, default=1,
                         help="grade from which a judgment is relevant for MRR, R, P and MAP (trec_eval -l); "
                              "default 1; 2 for TREC DL; 0 reproduces the original (every line relevant)")
     parser.add_argument("--string_ids", action="store_true",
                         help="ids are arbitrary tokens (e.g. CACM-1410), not integers")
-    parser.add_argument("--max_rank", type=int, default=MAX_RANK,
+    parser.add_argument("--max_rank", type=ct.positive_int, default=MAX_RANK,
                         help=f"largest rank accepted in a rank file (default {MAX_RANK}, the original's slots)")
     return parser
 
@@ -355,8 +359,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     doc = args.mode == "doc"
     if doc and args.string_ids:
         raise InputError("'doc' and --string_ids exclude each other")
-    if args.max_rank < 1:
-        raise InputError("--max_rank must be at least 1", value=args.max_rank)
     cutoff = DOC_CUTOFF if doc else int(args.mode)
     metrics = list(dict.fromkeys([f"MRR@{cutoff}", *args.metrics]))
     ids = "doc" if doc else ("str" if args.string_ids else "int")

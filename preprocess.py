@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 import numpy as np
 from tqdm import tqdm
 
+import cli_types as ct
 from io_utils import InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing, require_file, run_cli
 
 log = logging.getLogger("preprocess")
@@ -79,6 +80,10 @@ SPLITS = {
 DOC_FIELD_SEP = "<sep>"  # a literal string, tokenized like any text (not a special token)
 BATCH_SIZE = 2048
 CHARS_PER_TOKEN = 12  # prefix shortcut: tokenize ~this many characters per needed token first
+# Widest token row stored (the memmaps are N x width int32, tokenized 2048 rows at a time): the bound when the
+# tokenizer gives no model_max_length; a tokenizer's own model_max_length caps it further (fit_model_length).
+MAX_STORED_TOKENS = 1 << 16
+stored_tokens = ct.int_range(2, MAX_STORED_TOKENS)  # type of the length flags: room for cls and sep
 
 T = TypeVar("T")
 
@@ -487,9 +492,11 @@ class OutputStage:
 
 
 def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n: int, width: int,
-                       faithful: Faithful28Tokenizer, batch_size: int, desc: str) -> np.ndarray:
+                       faithful: Faithful28Tokenizer, batch_size: int, desc: str,
+                       source: Optional[PathLike] = None) -> np.ndarray:
     """Tokenize ``n`` texts in batches into ``{prefix}.memmap`` (int32 [n, width], written sequentially, so
-    memory stays flat); write ``{prefix}_length.npy`` and ``{prefix}_meta``.  Returns the lengths."""
+    memory stays flat); write ``{prefix}_length.npy`` and ``{prefix}_meta``.  Returns the lengths.  ``source``,
+    the file the texts stream from, is named when it yields another number of texts."""
     lengths = np.zeros(n, np.int32)
     filled = 0
     encoded = _pipelined(lambda batch: faithful.encode_content(batch, width), _chunks(texts, batch_size))
@@ -500,7 +507,7 @@ def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n:
             filled += len(contents)
             bar.update(len(contents))
     if filled != n:
-        raise InputError(f"read {filled} texts but expected {n} (did an input file change while running?)")
+        raise InputError(f"read {filled} texts but expected {n} (did the file change while running?)", path=source)
     stage.npy(f"{prefix}_length.npy", lengths)
     stage.text(f"{prefix}_meta", json.dumps({"type": "int32", "total_number": n, "embedding_size": width}))
     return lengths
@@ -571,7 +578,7 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
     with rust_threads(threads), OutputStage(out_dir) as stage:
         texts = _corpus_texts(collection, data_type, max_doc_character, ids)
         write_token_matrix(stage, "passages", texts, len(ids), max_seq_length, faithful, batch_size,
-                           f"tokenize {KIND[data_type]}s")
+                           f"tokenize {KIND[data_type]}s", source=collection)
         stage.npy("passages_ids.npy", ids)
         stage.id_pickle("pid2offset.pickle", ids)
         for plan in plans:
@@ -595,6 +602,19 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def fit_model_length(tokenizer: Any, flag: str, length: int) -> int:
+    """``length`` capped at the tokenizer's ``model_max_length`` (the longest input of its model: 512 for
+    roberta-base) when that is smaller, with a warning naming ``flag``: a token memmap is N x length int32, and
+    columns past the model's input would only cost memory and disk (truncating longer rows later gives the same
+    tokens)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or length <= limit:
+        return length
+    log.warning("--%s %d exceeds the tokenizer's model_max_length %d (the longest input of its model): storing "
+                "%d tokens per row", flag, length, limit, limit)
+    return limit
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Tokenize the MS MARCO collection and queries once, with the transformers-2.8 RoBERTa "
@@ -604,18 +624,20 @@ def build_parser() -> argparse.ArgumentParser:
                "(train, dev, test, lead; skipped when its query file is absent), {split}-query.memmap, "
                "{split}-query_length.npy, {split}-query_meta, {split}-query_ids.npy, {split}-qid2offset.pickle "
                "and {split}-qrel.tsv (qoffset 0 poffset grade). Nothing is written unless the whole run succeeds.")
-    p.add_argument("--data_type", type=int, choices=[DOC, PASSAGE], default=PASSAGE,
+    p.add_argument("--data_type", type=ct.integer, choices=[DOC, PASSAGE], default=PASSAGE,
                    help="0 = documents (msmarco-docs.tsv), 1 = passages (collection.tsv) (default 1)")
     p.add_argument("--model_name_or_path", default="roberta-base",
                    help="LOCAL tokenizer folder (e.g. roberta-base's vocab.json + merges.txt); nothing is "
                         "downloaded, so pass a folder path (default: a folder named 'roberta-base')")
-    p.add_argument("--max_seq_length", type=int, default=512,
-                   help="stored tokens per passage/document, including <s> and </s> (default 512)")
-    p.add_argument("--max_query_length", type=int, default=64, help="stored tokens per query (default 64)")
-    p.add_argument("--max_doc_character", type=int, default=10000,
+    p.add_argument("--max_seq_length", type=stored_tokens, default=512,
+                   help="stored tokens per passage/document, including <s> and </s>, at most the tokenizer's "
+                        "model_max_length (default 512)")
+    p.add_argument("--max_query_length", type=stored_tokens, default=64,
+                   help="stored tokens per query, at most the tokenizer's model_max_length (default 64)")
+    p.add_argument("--max_doc_character", type=ct.positive_int, default=10000,
                    help="cut passage/document text to this many characters before tokenizing (default 10000)")
-    p.add_argument("--threads", type=int, default=_cpu_count(),
-                   help="tokenizer threads (default: all available cores)")
+    p.add_argument("--threads", type=ct.positive_int, default=_cpu_count(),
+                   help="tokenizer threads, at most the CPUs (default: all available cores)")
     p.add_argument("--data_dir", help="input folder (default ./data/{doc,passage}/dataset)")
     p.add_argument("--out_dir", help="output folder (default ./data/{doc,passage}/preprocess)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -623,23 +645,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag, minimum in (("max_seq_length", 2), ("max_query_length", 2), ("max_doc_character", 1), ("threads", 1)):
-        if getattr(args, flag) < minimum:
-            parser.error(f"--{flag} must be at least {minimum}")
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     kind = KIND[args.data_type]
+    tokenizer = load_tokenizer(args.model_name_or_path)
     counts = preprocess(
         data_dir=args.data_dir or f"./data/{kind}/dataset",
         out_dir=args.out_dir or f"./data/{kind}/preprocess",
         data_type=args.data_type,
-        tokenizer=load_tokenizer(args.model_name_or_path),
-        max_seq_length=args.max_seq_length,
-        max_query_length=args.max_query_length,
+        tokenizer=tokenizer,
+        max_seq_length=fit_model_length(tokenizer, "max_seq_length", args.max_seq_length),
+        max_query_length=fit_model_length(tokenizer, "max_query_length", args.max_query_length),
         max_doc_character=args.max_doc_character,
         overwrite=args.overwrite,
-        threads=args.threads,
+        threads=ct.at_most_cpus(args.threads, "--threads"),
     )
     print(" ".join(f"{name}={n}" for name, n in counts.items()))
     return 0

@@ -37,6 +37,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import cli_types as ct
 from checkpoint_paths import checkpoint_step, list_checkpoints
 from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 from msmarco_eval import evaluate_files
@@ -159,7 +160,7 @@ class CheckpointScorer:
         try:
             if key.startswith("adore-"):
                 docs = ru.open_embeddings(self.root / "evaluate" / key[len("adore-"):] / "passages.memmap",
-                                          dim=model.output_dim)
+                                          dim=model.output_dim, n_rows=ru.corpus_rows(pre))
                 queries = ru.encode_split(model, model_id, pre, "dev-query", self.adore_query_length,
                                           out / "dev-query.memmap", **common)
             else:
@@ -273,12 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=None, help="first header cell of the table (default: the task)")
     parser.add_argument("--out_dir", default=None, help="output folder (default ROOT/results)")
     parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
-                        help=f"evaluate every checkpoint of these models on dev for the curves: {', '.join(TABLE_KEYS)}")
-    parser.add_argument("--query_length", type=int, default=32, help="STAR-type query length (default %(default)s)")
-    parser.add_argument("--adore_query_length", type=int, default=64, help="ADORE query length (default %(default)s)")
-    parser.add_argument("--doc_length", type=int, default=256,
+                        help="evaluate every checkpoint of these models on dev for the curves: "
+                             f"{', '.join(TABLE_KEYS)}")
+    parser.add_argument("--query_length", type=ct.positive_int, default=32,
+                        help="STAR-type query length (default %(default)s)")
+    parser.add_argument("--adore_query_length", type=ct.positive_int, default=64,
+                        help="ADORE query length (default %(default)s)")
+    parser.add_argument("--doc_length", type=ct.positive_int, default=256,
                         help="document length of the STAR-type curves (default %(default)s; 512 for documents)")
-    parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default %(default)s)")
+    parser.add_argument("--batch_size", type=ct.positive_int, default=64,
+                        help="encoding batch size (default %(default)s)")
     parser.add_argument("--no_cuda", action="store_true", help="encode on the CPU even when CUDA is available")
     return parser
 

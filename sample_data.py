@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import cli_types as ct
 from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 
 DEFAULT_SEED = 13
@@ -723,16 +724,20 @@ def describe(out: PathLike) -> str:
     return "\n".join(f"{name:<{width}}  {lines:>7} lines  {size:>9} bytes" for name, lines, size in rows)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Write the bundled sample: MS MARCO-format passage and doc data, a BPE tokenizer trained on "
                     "it and a tiny random RoBERTa encoder (deterministic for a given seed).")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed (default: %(default)s)")
+    parser.add_argument("--seed", type=ct.seed, default=DEFAULT_SEED, help="generator seed (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
     parser.add_argument("--no_model", action="store_true",
                         help="write init_model/config.json and the tokenizer but no weights")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise InputError("output folder is not empty; pass --overwrite to replace the sample", path=out)

@@ -19,19 +19,21 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import cli_types as ct
 from batch_plan import GlobalBatchSampler, Progress, TrainingPlan, epoch_seed
 from checkpoint_paths import (CHECKPOINT_PREFIX, TRAINER_STATE_NAME, checkpoint_step, latest_checkpoint,
                               list_checkpoints)
-from checkpoint_utils import (STATE_FORMAT_VERSION, checkpoint_to_resume, get_rng_state, load_checkpoint,
-                              prepare_output_dir, save_checkpoint, set_rng_state, set_seed)
+from checkpoint_utils import (STATE_FORMAT_VERSION, checkpoint_to_resume, damaged_checkpoint, get_rng_state,
+                              load_checkpoint, prepare_output_dir, save_checkpoint, set_rng_state, set_seed)
+from dataset import TokenIdsCache
 from dist_utils import (DistInfo, all_gather_object, all_gather_with_grad, all_reduce_sum, barrier,
                         cleanup_distributed, get_rank, get_world_size, init_distributed, unwrap_model)
-from io_utils import InputError, PathLike
+from io_utils import PathLike
 from optim_utils import (NO_DECAY_PATTERNS, OPTIMIZERS, Lamb, autocast_context, build_optimizer, fp32_context,
                          linear_schedule, make_grad_scaler, optimizer_step, param_groups)
 
@@ -79,38 +81,46 @@ def add_training_args(parser: argparse.ArgumentParser, flags: TrainerFlags) -> a
     g.add_argument("--resume", action="store_true",
                    help=f"continue from the latest checkpoint-<step> in {flags.run_folder} as if never stopped "
                         "(starts from scratch when there is none)")
-    g.add_argument("--logging_steps", type=int, default=flags.logging_steps,
+    g.add_argument("--logging_steps", type=ct.positive_int, default=flags.logging_steps,
                    help="TensorBoard/console interval in steps")
-    g.add_argument("--save_steps", type=int, default=None,
-                   help="also write a checkpoint every N steps (default: only at each epoch end, as the original)")
-    g.add_argument("--save_total_limit", type=int, default=None, help="keep only the newest N checkpoint-* folders")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--learning_rate", type=float, default=flags.learning_rate, help="peak learning rate")
-    g.add_argument("--weight_decay", type=float, default=0.01,
+    g.add_argument("--save_steps", type=ct.non_negative_int, default=None,
+                   help="also write a checkpoint every N steps (default or 0: only at each epoch end, as the "
+                        "original)")
+    g.add_argument("--save_total_limit", type=ct.non_negative_int, default=None,
+                   help="keep only the newest N checkpoint-* folders (default or 0: all)")
+    g.add_argument("--gradient_accumulation_steps", type=ct.positive_int, default=1, help="micro-batches per step")
+    g.add_argument("--learning_rate", type=ct.non_negative_float, default=flags.learning_rate,
+                   help="peak learning rate")
+    g.add_argument("--weight_decay", type=ct.non_negative_float, default=0.01,
                    help="for all parameters but *bias* and *LayerNorm.weight*")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Lamb/AdamW epsilon")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help=flags.clip_help)
-    g.add_argument("--num_train_epochs", type=float, default=flags.num_train_epochs, help="schedule length in epochs")
-    g.add_argument("--max_steps", type=int, default=-1, help="if > 0: total steps (overrides epochs)")
-    g.add_argument("--warmup_steps", type=int, default=flags.warmup_steps, help="linear warm-up steps")
-    g.add_argument("--seed", type=int, default=42, help="seeds the RNGs and the data order")
+    g.add_argument("--adam_epsilon", type=ct.non_negative_float, default=1e-8, help="Lamb/AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=ct.finite_float, default=1.0, help=flags.clip_help)
+    g.add_argument("--num_train_epochs", type=ct.non_negative_float, default=flags.num_train_epochs,
+                   help="schedule length in epochs")
+    g.add_argument("--max_steps", type=ct.int_range(-1), default=-1,
+                   help="if > 0: total steps (overrides epochs)")
+    g.add_argument("--warmup_steps", type=ct.non_negative_int, default=flags.warmup_steps,
+                   help="linear warm-up steps")
+    g.add_argument("--seed", type=ct.seed, default=42, help="seeds the RNGs and the data order")
     g.add_argument("--no_cuda", action="store_true", help="train on the CPU even if CUDA is available")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--dataloader_num_workers", type=ct.non_negative_int, default=0,
+                   help="DataLoader worker processes (at most the machine's CPUs)")
     return g
 
 
-def require_at_least(args: argparse.Namespace, names: Iterable[str], minimum: float) -> None:
-    """Raise :class:`InputError` unless every flag in ``names`` is ``>= minimum`` (None, not given, passes)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise InputError(f"--{name} must be >= {minimum}", value=value)
-
-
-def validate_training_args(args: argparse.Namespace, positive: Sequence[str] = ()) -> None:
-    """Check the shared flags (:func:`add_training_args`) and the trainer's ``positive`` ones (each >= 1)."""
-    require_at_least(args, (*positive, "gradient_accumulation_steps", "logging_steps"), 1)
-    require_at_least(args, ("warmup_steps", "learning_rate", "dataloader_num_workers"), 0)
+def cap_training_args(args: argparse.Namespace, lengths: Mapping[str, str]) -> None:
+    """Size what the shared flags' ranges leave unbounded by the machine and the data: ``--dataloader_num_workers``
+    is capped at the CPUs (:func:`cli_types.at_most_cpus`), and each token-length flag of ``lengths`` (its dest →
+    the token file prefix in ``--preprocess_dir``, e.g. ``{"max_doc_length": "passages"}``) at the width that file
+    stores: no sequence is longer, so a larger value would only widen the batches padded to full length (an absurd
+    one would exhaust memory).  Raises :class:`InputError` for a missing or malformed token file."""
+    args.dataloader_num_workers = ct.at_most_cpus(args.dataloader_num_workers, "--dataloader_num_workers")
+    for dest, prefix in lengths.items():
+        width = TokenIdsCache(args.preprocess_dir, prefix).max_length
+        if getattr(args, dest) > width:
+            logger.info("--%s %d: the %s rows hold at most %d tokens, so batches are padded to %d at most", dest,
+                        getattr(args, dest), prefix, width, width)
+            setattr(args, dest, width)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,8 +210,11 @@ class TrainingRun:
     def resume(self, checkpoint: Path, collator: Any) -> None:
         """Restore ``checkpoint`` (weights, optimizer, schedule, scaler, RNG states, progress), warn about changed
         settings, and tell ``collator`` how many batches it already collated (only its first ones are padded to
-        the maximum lengths).  Call before wrapping the model in DDP."""
+        the maximum lengths).  Call before wrapping the model in DDP and before writing anything: a damaged or
+        foreign checkpoint raises :class:`InputError` naming its folder (:func:`checkpoint_utils.load_checkpoint`)."""
         extra = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
+        if not all(isinstance(extra.get(key), int) for key in ("epoch", "step_in_epoch")):
+            raise damaged_checkpoint(checkpoint, f"{TRAINER_STATE_NAME} lacks the epoch and step_in_epoch of a run")
         _warn_changed_settings(extra.get("settings", {}), self.settings)
         self.progress = Progress(extra["epoch"], extra["step_in_epoch"], extra["global_step"])
         self.resumed_from = checkpoint
@@ -316,7 +329,7 @@ def _train_epochs(run: TrainingRun, data: EpochData, driver: StepDriver, log: Tr
 
 __all__ = [
     # this module
-    "HelpFormatter", "TrainerFlags", "add_training_args", "require_at_least", "validate_training_args",
+    "HelpFormatter", "TrainerFlags", "add_training_args", "cap_training_args",
     "TrainLogger", "resume_settings", "TrainingRun", "EpochData", "StepDriver", "run_steps",
     # optim_utils
     "NO_DECAY_PATTERNS", "OPTIMIZERS", "Lamb", "param_groups", "build_optimizer", "linear_schedule",

@@ -127,7 +127,8 @@ class TensorIPIndex:
     # -- public -----------------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray | torch.Tensor, k: int, batch_size: int = QUERY_BATCH,
                desc: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ``(scores float32 [nq, k], ids int64 [nq, k])``, numpy, in the format of :mod:`exact_search`."""
+        """Top-k ``(scores float32 [nq, min(k, N)], ids int64 [nq, min(k, N)])``, numpy, in the format of
+        :mod:`exact_search`."""
         q = self._query_tensor(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")

@@ -3,7 +3,8 @@ the frozen STAR document embeddings (``--dmemmap_path``, row = offset) exactly b
 ``{output_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank``).
 
 The query embeddings go to ``{output_dir}/{mode}.qembed.memmap`` (float32 ``[Nq, dim]``; dim is the model's,
-not the 768 that the original hard-codes).  The document memmap is checked against that dim.
+not the 768 that the original hard-codes).  The document memmap is checked against that dim, its manifest and
+the passage count of ``--preprocess_dir`` (where it has ``passages_meta``) before anything is encoded or written.
 
 Example (README): ``python adore/inference.py --model_dir data/passage/trained_models/adore-star
 --output_dir data/passage/evaluate/adore-star --preprocess_dir data/passage/preprocess --mode dev
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 
+import cli_types as ct
 import retrieve_utils as ru
 from io_utils import configure_logging, refuse_existing, run_cli
 
@@ -27,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess_dir", required=True, help="preprocessed data ({mode}-query memmaps)")
     parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], required=True, help="query split")
     parser.add_argument("--dmemmap_path", required=True, help="document embeddings (STAR passages.memmap)")
-    parser.add_argument("--max_seq_length", type=int, default=64,
+    parser.add_argument("--max_seq_length", type=ct.positive_int, default=64,
                         help="query truncation in tokens (default %(default)s)")
-    parser.add_argument("--pergpu_eval_batch_size", type=int, default=32,
+    parser.add_argument("--pergpu_eval_batch_size", type=ct.positive_int, default=32,
                         help="encoding batch size per GPU (default %(default)s)")
     parser.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
     ru.add_inference_args(parser, topk=100)
@@ -45,7 +47,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     device = ru.inference_device(args.no_cuda)
     model, model_id, pad = ru.load_encoder(args.model_dir, allow_pickle=args.allow_pickle)
-    docs = ru.open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite)
+    docs = ru.open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
+                              n_rows=ru.corpus_rows(args.preprocess_dir))
     queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,
                               output_dir / f"{args.mode}.qembed.memmap", batch_size=args.pergpu_eval_batch_size,
                               device=device, pad_token_id=pad, amp=args.amp, overwrite=args.overwrite)

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+import cli_types as ct
 import retrieve_utils as ru
 import train_utils as tu
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
@@ -112,15 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
                       help="only sets the --metric_cut default (passage: 200; doc: none, must be given)")
-    data.add_argument("--max_seq_length", type=int, default=64, help="query truncation in tokens")
+    data.add_argument("--max_seq_length", type=ct.positive_int, default=64, help="query truncation in tokens")
     data.add_argument("--allow_pickle", action="store_true",
                       help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
     data.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
 
     adore = p.add_argument_group("ADORE")
-    adore.add_argument("--metric_cut", type=int, default=None,
+    adore.add_argument("--metric_cut", type=ct.positive_int, default=None,
                        help="depth cut of the 1/rank pair weights (see below; must be >= 1)")
-    adore.add_argument("--neg_topk", type=int, default=200, help="documents retrieved per query per step (K)")
+    adore.add_argument("--neg_topk", type=ct.positive_int, default=200,
+                       help="documents retrieved per query per step (K)")
     adore.add_argument("--append_missing_positives", choices=APPEND_MODES, default="none_retrieved",
                        help="none_retrieved: append all positives when none is in the top K (original); always: "
                             "append the missing positives of every query, de-duplicated (JPQ)")
@@ -131,23 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log_dir", default=None, help="TensorBoard folder (default: MODEL_SAVE_DIR/log)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--per_gpu_batch_size", type=int, default=32, help="queries per micro-batch")
+    opt.add_argument("--per_gpu_batch_size", type=ct.positive_int, default=32, help="queries per micro-batch")
 
     hw = p.add_argument_group("devices and index")
     hw.add_argument("--model_device", default=None,
                     help="device of the query encoder: cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX when "
                          "CUDA is available and not --no_cuda, else cpu)")
-    hw.add_argument("--model_gpu_index", type=int, default=0, help="the original's way to pick the encoder's GPU")
+    hw.add_argument("--model_gpu_index", type=ct.non_negative_int, default=0,
+                    help="the original's way to pick the encoder's GPU")
     hw.add_argument("--index_backend", choices=ru.INDEX_BACKENDS, default="auto", help="see below")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
-    hw.add_argument("--faiss_gpu_index", type=int, nargs="*", default=[],
+    hw.add_argument("--faiss_gpu_index", type=ct.non_negative_int, nargs="*", default=[],
                     help="GPUs of the faiss index (several: sharded); none: CPU faiss")
-    hw.add_argument("--faiss_omp_num_threads", type=int, default=None,
-                    help="OpenMP threads of CPU faiss (default: faiss's, one per core; the original used 32)")
+    hw.add_argument("--faiss_omp_num_threads", type=ct.positive_int, default=None,
+                    help="OpenMP threads of CPU faiss, at most the CPUs (default: faiss's, one per core; the original "
+                         "used 32)")
     hw.add_argument("--search_precision", choices=ru.SEARCH_PRECISIONS, default="fp32",
                     help="fp32 (original) or fast: certified-exact bf16 scan + fp32 re-scoring (tensor index)")
-    hw.add_argument("--search_margin", type=int, default=None,
+    hw.add_argument("--search_margin", type=ct.non_negative_int, default=None,
                     help="fast search: extra candidates re-scored beyond K (default: K)")
     return p
 
@@ -193,11 +197,12 @@ def resolve_model_device(model_device: Optional[str], model_gpu_index: int, no_c
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Check the arguments and fill in the resolved ``metric_cut`` and ``log_dir`` (raises :class:`InputError`)."""
-    tu.validate_training_args(args, positive=("per_gpu_batch_size", "max_seq_length", "neg_topk"))
-    tu.require_at_least(args, ("search_margin",), 0)
-    tu.require_at_least(args, ("faiss_omp_num_threads",), 1)
+    """Check the arguments (each flag's range is checked while parsing) and fill in the resolved ``metric_cut`` and
+    ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
+    (:func:`train_utils.cap_training_args`).  Raises :class:`InputError`."""
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
+    tu.cap_training_args(args, {"max_seq_length": "train-query"})
+    args.faiss_omp_num_threads = ct.at_most_cpus(args.faiss_omp_num_threads, "--faiss_omp_num_threads")
     if args.log_dir is None:
         args.log_dir = str(Path(args.model_save_dir) / "log")
 
@@ -225,8 +230,8 @@ class Candidates:
 
 
 def label_candidates(retrieved: np.ndarray, positives: Sequence[Sequence[int]], append: str) -> Candidates:
-    """Label each query's retrieved ids (``[B, K]`` int64 in rank order; ``-1`` padding, when K exceeds the
-    corpus, is dropped) with its ``positives`` and append positives:
+    """Label each query's retrieved ids (``[B, K]`` int64 in rank order; ``-1`` entries, if any, are dropped) with
+    its ``positives`` and append positives:
 
     * ``"none_retrieved"`` (original): if no retrieved id is a positive, append ALL of the query's positives as
       listed (a pair listed twice in the qrels appears twice, as the original); otherwise append none;
@@ -415,21 +420,25 @@ def _remove_old_epochs(save_dir: Path) -> None:
 
 
 def setup(args: argparse.Namespace) -> Trainer:
-    """Model, frozen index, data, optimizer and schedule (restored from the latest checkpoint with --resume)."""
-    save_dir = Path(args.model_save_dir)
-    tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
-    if args.overwrite_output_dir and not args.resume:
-        _remove_old_epochs(save_dir)
-    checkpoint = tu.checkpoint_to_resume(save_dir, args.resume)
+    """Model, frozen index, data, optimizer and schedule (restored from the latest checkpoint with --resume).
+
+    The inputs (init model, document embeddings against the corpus of --preprocess_dir, queries) are checked
+    before the output folder is touched; a damaged checkpoint is refused before anything is written."""
     tu.set_seed(args.seed)
     device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = DenseEncoder.from_pretrained(args.init_path, allow_pickle=args.allow_pickle).to(device)
-    docs = ru.open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite)
+    docs = ru.open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite,
+                              n_rows=ru.corpus_rows(args.preprocess_dir))
+    dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, len(docs))
+    save_dir = Path(args.model_save_dir)
+    tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    if args.overwrite_output_dir and not args.resume:
+        _remove_old_epochs(save_dir)
+    checkpoint = tu.checkpoint_to_resume(save_dir, args.resume)
     index = ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device, args.search_precision,
                                     args.search_margin, args.faiss_omp_num_threads)
-    dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, index.ntotal)
     collator = QueryCollator(args.max_seq_length, pad_token_id=model.pad_token_id)
     sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed)
     plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,

@@ -24,12 +24,7 @@ from io_utils import configure_logging, refuse_existing, run_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True, help="chooses the default paths")
-    parser.add_argument("--max_query_length", type=int, default=32,
-                        help="query truncation in tokens (default %(default)s)")
-    parser.add_argument("--max_doc_length", type=int, default=512,
-                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
-    parser.add_argument("--eval_batch_size", type=int, default=32,
-                        help="encoding batch size per GPU (default %(default)s)")
+    ru.add_query_and_corpus_args(parser, batch_size=32)
     parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], required=True,
                         help="query split to encode and rank")
     parser.add_argument("--model_dir", help="encoder folder (default ./data/{data_type}/trained_models/star)")

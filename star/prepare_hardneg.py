@@ -14,10 +14,11 @@ Two sources of rankings:
   are ordered by score as trec_eval does.  Lines naming ids the preprocessing does not know are skipped and
   counted.
 
-Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives.  Every qrels line counts as a positive (the grade
-is ignored, like the original's ``load_rel``).  A query left with fewer than ``topk`` is an error unless
-``--fill_random`` (the default with ``--run_file``, as the original's first version) completes it with distinct
-random non-positive documents drawn from ``np.random.default_rng([seed, qoffset])`` (reproducible per query).
+Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives (``--topk`` below the corpus size).  Every
+qrels line counts as a positive (the grade is ignored, like the original's ``load_rel``).  A query left with fewer
+than ``topk`` is an error unless ``--fill_random`` (the default with ``--run_file``, as the original's first
+version) completes it with distinct random non-positive documents drawn from ``np.random.default_rng([seed,
+qoffset])`` (reproducible per query).
 
 Outputs in ``--output_dir`` (default ``./data/{data_type}/warmup_retrieve``), each written atomically:
 
@@ -44,6 +45,7 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
+import cli_types as ct
 import retrieve_utils as ru
 from dataset import TokenIdsCache, hardneg_qids_path, load_rel
 from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, refuse_existing,
@@ -69,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="The search depth is topk + 10 (room for the dropped positives).")
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True,
                         help="chooses the default paths and how document ids are read (D prefix)")
-    parser.add_argument("--max_query_length", type=int, default=32, help="query truncation (default %(default)s)")
-    parser.add_argument("--max_doc_length", type=int, default=512,
-                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
-    parser.add_argument("--eval_batch_size", type=int, default=128,
-                        help="encoding batch size per GPU (default %(default)s)")
+    ru.add_query_and_corpus_args(parser, batch_size=128)
     parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], default="train",
                         help="query split to mine (default train: STAR trains on the train queries; the original "
                              "README's --mode dev is a bug, DRhard issue #24)")
@@ -89,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--fill_random", action=argparse.BooleanOptionalAction, default=None,
                         help="complete queries with fewer than topk negatives with random non-positive documents "
                              "(default: on with --run_file, off with the model, where a short query is an error)")
-    source.add_argument("--seed", type=int, default=FILL_SEED, help="seed of the random fill (default %(default)s)")
+    source.add_argument("--seed", type=ct.seed, default=FILL_SEED, help="seed of the random fill (default %(default)s)")
     parser.add_argument("--write_json", action="store_true",
                         help="also write hard.json, the original's format {\"qoffset\": [poffset, ...]}")
     return parser
@@ -222,8 +220,9 @@ def fill_random(negs: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]
 
 
 def complete_negatives(negs: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[int]], n_docs: int,
-                       fill: bool, seed: int, depth: str) -> None:
-    """Make every row of ``negs`` full: random fill when ``fill``, else an error naming the first short query."""
+                       fill: bool, seed: int, depth: str, source: Optional[PathLike] = None) -> None:
+    """Make every row of ``negs`` full: random fill when ``fill``, else an error naming ``source`` (the rankings'
+    file) and the first short query."""
     counts = (negs != MISSING).sum(axis=1)
     short = np.flatnonzero(counts < negs.shape[1])
     if not short.size:
@@ -233,7 +232,7 @@ def complete_negatives(negs: np.ndarray, qoffsets: np.ndarray, rel: dict[int, li
         raise InputError(f"{short.size} of {len(negs)} queries have fewer than topk={negs.shape[1]} negatives in "
                          f"{depth} once their positives are dropped (first: query offset {int(qoffsets[row])}, "
                          f"{int(counts[row])} left); pass a smaller --topk, or --fill_random to complete them "
-                         f"with random documents")
+                         f"with random documents", path=source)
     queries, added = fill_random(negs, qoffsets, rel, n_docs, seed)
     logger.warning("random fill (seed %d): %d of %d queries had fewer than %d negatives; added %d random documents",
                    seed, queries, len(negs), negs.shape[1], added)
@@ -346,15 +345,14 @@ def print_mrr(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging()
-    if args.topk < 1:
-        raise InputError("--topk must be at least 1", value=args.topk)
     if args.mode != "train":
         logger.warning("mining the %s queries: STAR training needs the train queries' negatives (--mode train; the "
                        "original README's --mode dev is a bug, DRhard issue #24)", args.mode)
     paths = resolve_paths(args)
     for path in output_files(args, paths):
         refuse_existing(path, args.overwrite)
-    n_docs = len(TokenIdsCache(paths.preprocess_dir, "passages"))
+    corpus = TokenIdsCache(paths.preprocess_dir, "passages")
+    n_docs = len(corpus)
     rel = load_positives(paths.preprocess_dir, args.mode)
     qoffsets = np.array(sorted(rel), dtype=np.int64)
 
@@ -363,12 +361,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                                            args.data_type == "doc", qoffsets, n_docs)
         log_run_stats(stats, Path(args.run_file))
         source, depth = args.run_file, "the run file"
-    else:
+    if args.topk >= n_docs:  # before the corpus is encoded and hard.npy [queries, topk] allocated
+        raise InputError(f"--topk must be below the {n_docs} documents of the corpus (each query needs topk "
+                         f"negatives besides its positive)", path=corpus.path, value=args.topk)
+    if not args.run_file:
         candidates = model_candidates(args, paths, qoffsets)
         source, depth = paths.rank, f"the top {args.topk + SEARCH_MARGIN}"
     negs = select_negatives(candidates, qoffsets, rel, args.topk)
     fill = args.fill_random if args.fill_random is not None else bool(args.run_file)
-    complete_negatives(negs, qoffsets, rel, n_docs, fill, args.seed, depth)
+    complete_negatives(negs, qoffsets, rel, n_docs, fill, args.seed, depth, source)
     save_hardneg(paths.hard, qoffsets, negs, paths.json if args.write_json else None)
     logger.info("wrote %d x %d hard negatives of the %s queries to %s", *negs.shape, args.mode, paths.hard)
     print_mrr(candidates, qoffsets, rel, source)

@@ -32,9 +32,10 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import cli_types as ct
 import train_utils as tu
-from dataset import (TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
-                     TrainInbatchWithRandDataset, load_hardneg, load_rel, not_relevant_mask)
+from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
+                     TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
 from io_utils import InputError, atomic_write_json, configure_logging, require_file, run_cli
 from losses import inbatch_loss, randneg_loss, star_loss
 from model import DenseEncoder
@@ -86,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg")
     data.add_argument("--hardneg_path", help="hard.npy (+ hard_qids.npy) or hard.json of the TRAIN queries "
                                              "(star/prepare_hardneg.py --mode train); required for star")
-    data.add_argument("--hard_num", type=int, default=1,
+    data.add_argument("--hard_num", type=ct.positive_int, default=1,
                       help="hard negatives sampled per query per epoch (the original hard-coded 1)")
-    data.add_argument("--rand_num", type=int, default=1,
+    data.add_argument("--rand_num", type=ct.positive_int, default=1,
                       help="random corpus docs per query for --negative_mode rand (the paper's value is "
                            "not in the repo)")
-    data.add_argument("--max_query_length", type=int, default=24, help="query truncation")
-    data.add_argument("--max_doc_length", type=int, default=120,
+    data.add_argument("--max_query_length", type=ct.positive_int, default=24, help="query truncation")
+    data.add_argument("--max_doc_length", type=ct.positive_int, default=120,
                       help="doc truncation, end token kept (120: passages; the code comment says 512 for "
                            "documents)")
     data.add_argument("--padding", action="store_true", help="always pad batches to the maximum lengths")
@@ -104,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT_DIR/log)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--per_device_train_batch_size", type=int, default=256,
+    opt.add_argument("--per_device_train_batch_size", type=ct.positive_int, default=256,
                      help="queries per process per micro-batch")
     opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="optimizer")
-    opt.add_argument("--adam_beta1", type=float, default=0.9, help="Lamb/AdamW beta1")
-    opt.add_argument("--adam_beta2", type=float, default=0.999, help="Lamb/AdamW beta2")
-    opt.add_argument("--stop_after_steps", type=int, default=None,
+    opt.add_argument("--adam_beta1", type=ct.beta, default=0.9, help="Lamb/AdamW beta1, in [0, 1)")
+    opt.add_argument("--adam_beta2", type=ct.beta, default=0.999, help="Lamb/AdamW beta2, in [0, 1)")
+    opt.add_argument("--stop_after_steps", type=ct.positive_int, default=None,
                      help="stop (with a checkpoint and the final model) after this many optimizer steps without "
                           "shortening the schedule: the authors stopped their 100-epoch run by hand around 50k "
                           "steps, LR still ~75%% of peak (--max_steps instead sets the schedule's length)")
@@ -119,20 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp16", action="store_true", help="float16 autocast + GradScaler (losses in fp32)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a deviation; losses in fp32)")
     hw.add_argument("--do_train", action="store_true", help="accepted for compatibility (always trains)")
-    hw.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+    hw.add_argument("--local_rank", "--local-rank", type=ct.int_range(-1), default=-1,
                     help="ignored: the rank comes from torchrun's environment")
     return p
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise :class:`InputError` for inconsistent arguments; fill in the default ``logging_dir``."""
-    tu.validate_training_args(args, positive=("per_device_train_batch_size", "hard_num", "rand_num",
-                                              "max_query_length", "max_doc_length"))
-    tu.require_at_least(args, ("stop_after_steps",), 1)
+    """Raise :class:`InputError` for inconsistent arguments (each flag's range is checked while parsing); cap the
+    lengths and workers by the data and the machine (:func:`train_utils.cap_training_args`); fill in the default
+    ``logging_dir``."""
     if args.negative_mode == "star" and not args.hardneg_path:
         raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
     if args.negative_mode != "star" and args.hardneg_path:
         logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
+    tu.cap_training_args(args, {"max_query_length": "train-query", "max_doc_length": "passages"})
     if args.logging_dir is None:
         args.logging_dir = str(Path(args.output_dir) / "log")
 
@@ -156,7 +157,7 @@ def load_training_data(args: argparse.Namespace, pad_token_id: int) -> TrainData
     queries, docs = TokenIdsCache(folder, "train-query"), TokenIdsCache(folder, "passages")
     common = (rel_dict, queries, docs, args.max_query_length, args.max_doc_length, args.seed)
     if args.negative_mode == "star":
-        dataset = TrainInbatchWithHardDataset(*common, hardneg=load_hardneg(args.hardneg_path),
+        dataset = TrainInbatchWithHardDataset(*common, hardneg=HardNegatives.load(args.hardneg_path),
                                               hard_num=args.hard_num)
     elif args.negative_mode == "rand":
         dataset = TrainInbatchWithRandDataset(*common, rand_num=args.rand_num)
@@ -292,8 +293,6 @@ def train(args: argparse.Namespace) -> Path:
 
 def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
     output_dir = Path(args.output_dir)
-    tu.prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
-    checkpoint = tu.checkpoint_to_resume(output_dir, args.resume)
     tu.set_seed(args.seed)
 
     model = DenseEncoder.from_pretrained(args.init_path)
@@ -311,6 +310,9 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
     run = tu.TrainingRun(output_dir, model, optimizer, scheduler, tu.make_grad_scaler(info.device, args.fp16), plan,
                          tu.resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
                          args.save_total_limit)
+    # the inputs are read and checked before --overwrite_output_dir deletes the previous run's checkpoints
+    tu.prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    checkpoint = tu.checkpoint_to_resume(output_dir, args.resume)
     if checkpoint is not None:
         run.resume(checkpoint, data.collator)
     wrapped: torch.nn.Module = BatchEncoder(model)

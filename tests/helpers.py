@@ -42,6 +42,17 @@ def run_cli(args: list, timeout: int = 120, fsize: Optional[int] = None) -> subp
                           timeout=timeout, preexec_fn=preexec)
 
 
+def assert_one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A CLI's refusal: exit status 2, no traceback, exactly one ``error:`` line, holding every needle; returns it."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
 def run(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     """:func:`run_cli` that must succeed."""
     result = run_cli(args, timeout=timeout)

@@ -15,17 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ENV, REPO, TINY, make_encoder_inputs, run_cli, tiny_encoder, tree_hash, write_files
-
-
-def assert_one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+from helpers import (ENV, REPO, TINY, assert_one_error, make_encoder_inputs, run_cli, tiny_encoder, tree_hash,
+                     write_files)
 
 
 # -- preprocess.py ------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import cli_types as ct
     (ct.finite_float, ["-3.5", "0", "1e300"], ["inf", "nan", "1e999"]),
     (ct.int_range(-1, 3), ["-1", "0", "3"], ["-2", "4"]),
     (ct.float_range(0.0, 1.0), ["0", "1", "0.25"], ["-0.1", "1.01"]),
+    (ct.beta, ["0", "0.999", "0.9"], ["1", "1.0", "-0.1", "nan"]),
+    (ct.integer, ["-5", "0", "7"], ["1.5", "x", ""]),
 ])
 def test_ranges_accept_their_bounds_and_refuse_what_lies_outside(parse, good, bad):
     for text in good:
