@@ -148,6 +148,9 @@ class FlatIPIndex:
         """Top-k ``(scores float32 [nq, min(k, N)], ids int64 [nq, min(k, N)])`` in query batches (see the module
         docstring)."""
         queries = _check_search_args(self.ntotal, self.dim, queries, k)
+        if self.gpus and min(k, self.ntotal) > GPU_MAX_K:
+            raise InputError(f"faiss searches at most {GPU_MAX_K} results per query on a GPU: search the top {k} "
+                             f"on the CPU (no GPU ids) or ask for fewer", value=k)
         k_limit = GPU_MAX_K if self.gpus else self.ntotal
         parts = []
         for q0 in tqdm(range(0, len(queries), batch_size), desc=desc, unit="batch", disable=None if desc else True):
@@ -226,9 +229,14 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, gpus: Opti
                  mem_gb: Optional[float] = None, batch_size: int = QUERY_BATCH,
                  desc: Optional[str] = "search") -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``queries`` against ``embeddings`` (id = row), choosing the path:
-    faiss on the given GPUs (when faiss has GPU support); otherwise faiss ``IndexFlatIP`` in RAM when the
-    embeddings fit the memory budget (:func:`memory_budget_bytes`), else :func:`streamed_search`."""
+    faiss on the given GPUs (when faiss has GPU support and ``k`` is within its :data:`GPU_MAX_K`); otherwise faiss
+    ``IndexFlatIP`` in RAM when the embeddings fit the memory budget (:func:`memory_budget_bytes`), else
+    :func:`streamed_search`."""
     gpus = resolve_faiss_gpus(gpus)
+    if gpus and min(k, len(embeddings)) > GPU_MAX_K:
+        logger.warning("faiss searches at most %d results per query on a GPU: the top %d are searched on the CPU",
+                       GPU_MAX_K, k)
+        gpus = []
     if not gpus and embeddings.nbytes > memory_budget_bytes(mem_gb):
         logger.info("embeddings (%.3g GiB) exceed the search memory budget: streamed search",
                     embeddings.nbytes / (1 << 30))

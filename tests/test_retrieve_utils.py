@@ -133,6 +133,41 @@ def test_gpu_request_without_faiss_gpus_falls_back_to_cpu(caplog):
     assert ru.resolve_faiss_gpus(None) == []
 
 
+class CappedIndex:
+    """Stands in for a faiss GPU index: the same results, and k above GPU_MAX_K refused as faiss-GPU refuses it."""
+
+    def __init__(self, index):
+        self.index, self.ks = index, []
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > search_module.GPU_MAX_K:
+            raise RuntimeError(f"k = {k} > {search_module.GPU_MAX_K}: not supported on the GPU")
+        self.ks.append(k)
+        return self.index.search(x, k)
+
+
+def test_topk_above_the_faiss_gpu_limit_is_searched_on_the_cpu(monkeypatch, caplog):
+    """#12: faiss-GPU flat search caps k at 2048; a larger --topk must give the exact result, not a crash."""
+    indexes = []
+    monkeypatch.setattr(search_module, "resolve_faiss_gpus", lambda gpus: list(gpus or []))
+    monkeypatch.setattr(search_module.FlatIPIndex, "_to_gpu",
+                        lambda self, cpu_index: indexes.append(CappedIndex(cpu_index)) or indexes[-1])
+    rng = np.random.default_rng(5)
+    docs = rng.standard_normal((3000, 8)).astype(np.float32)
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    for k in (50, 2100):
+        indexes.clear()
+        with caplog.at_level(logging.WARNING, logger="exact_search"):
+            scores, ids = ru.exact_search(docs, queries, k, gpus=[0], desc=None)
+        ref_scores, ref_ids = brute_force(docs, queries, k)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+        assert bool(indexes) == (k <= search_module.GPU_MAX_K)   # the (stand-in) GPU index only within its limit
+    assert "the top 2100 are searched on the CPU" in caplog.text
+    with pytest.raises(InputError, match="at most 2048 results per query on a GPU"):
+        ru.FlatIPIndex(docs, [0]).search(queries, 2100, desc=None)
+
+
 @pytest.mark.skipif(ru.faiss_gpu_count() == 0, reason="faiss has no GPU support here")
 def test_gpu_single_and_sharded_match_cpu():
     docs, queries = tie_heavy_data(5000, 300, seed=7)
