@@ -9,14 +9,13 @@ trainers use (each a pass-through in a single process).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from io_utils import InputError
+from io_utils import InputError, env_int
 
 
 @dataclass(frozen=True)
@@ -37,22 +36,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"environment variable {name} is not an integer", value=value) from None
-
-
 def init_distributed(no_cuda: bool = False) -> DistInfo:
     """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; with ``WORLD_SIZE > 1`` join the process group
     (``nccl`` when training on CUDA, else ``gloo``).  Each process uses ``cuda:LOCAL_RANK`` (or the CPU when
     CUDA is absent or ``no_cuda``)."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() and not no_cuda
     if use_cuda:
         if local_rank >= torch.cuda.device_count():

@@ -213,9 +213,34 @@ def configure_logging(main_process: bool = True) -> None:
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format=LOG_FORMAT)
 
 
-def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None) -> None:
-    """Run a script's ``main(argv)``; user errors become one ``error:`` line and exit status 2."""
+def env_int(name: str, default: int) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset or empty)."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
     try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"environment variable {name} is not an integer", value=value) from None
+
+
+def refuse_torchrun() -> None:
+    """Raise :class:`InputError` in a process that torchrun started as one of several (``WORLD_SIZE`` > 1): a
+    command that does not split its work would run it once per process, into the same files."""
+    world_size = env_int("WORLD_SIZE", 1)
+    if world_size > 1:
+        raise InputError(f"this command runs as one process, but torchrun started {world_size}: each would redo "
+                         f"the whole work and write the same files; run it once without torchrun (only "
+                         f"star/train.py splits its work over torchrun's processes)", value=world_size)
+
+
+def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None, torchrun: bool = False) -> None:
+    """Run a script's ``main(argv)``; user errors become one ``error:`` line and exit status 2.  Unless the
+    script splits its work over processes (``torchrun``), a start by torchrun with several processes is refused
+    (:func:`refuse_torchrun`)."""
+    try:
+        if not torchrun:
+            refuse_torchrun()
         result = main(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -348,4 +348,4 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, torchrun=True)

@@ -357,3 +357,33 @@ def test_adore_inference_existing_output_refused_and_kept(tmp_path, adore_inputs
     assert_one_error(run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"])),
                      str(out / "dev.rank.tsv"), "already exists", "--overwrite")
     assert tree_hash(out, skip_tmp=False) == before
+
+
+# -- #13 "never silent duplicate work": commands that do not split their work refuse a multi-process torchrun -----
+
+def test_run_cli_refuses_several_torchrun_processes_unless_the_command_splits_its_work(monkeypatch, capsys):
+    from io_utils import run_cli as run_main
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(calls.append, [])
+    assert exit_info.value.code == 2 and not calls
+    assert "torchrun started 2: each would redo the whole work" in capsys.readouterr().err
+    run_main(calls.append, [], torchrun=True)   # star/train.py: DDP splits the batch
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run_main(calls.append, [])
+    assert calls == [[], []]
+
+
+@pytest.mark.parametrize("module", ["adore.train", "star.inference"])
+def test_commands_started_by_torchrun_refuse_before_any_work(tmp_path, module):
+    """The issue's findings: adore.train ran two duplicate copies, star.inference had every rank encode the whole
+    corpus into the same memmap."""
+    env = dict(ENV, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    result = subprocess.run([sys.executable, "-m", module, "--output_dir", str(tmp_path / "out")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "torchrun started 2" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()

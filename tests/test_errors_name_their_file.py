@@ -86,3 +86,4 @@ def test_preprocess_names_a_collection_that_changed_while_read(tmp_path, bert_di
         preprocess.preprocess(data, tmp_path / "out", preprocess.PASSAGE, preprocess.load_tokenizer(bert_dir))
     assert info.value.path == str(data / "collection.tsv")
     assert not (tmp_path / "out" / "passages.memmap").exists()
+
