@@ -7,6 +7,9 @@ pickles the original inverted):
 * ``passages_ids.npy``: int64 ``[N]``, the official pid/docid of each passage/document offset;
 * ``{mode}-query_ids.npy``: int64 ``[Nq]``, the official qid of each query offset.
 
+A preprocessing of the BEIR layout (``preprocess.py --input_format beir``) stores string ids (unicode ``.npy``):
+they are written as they are (``CACM-1410``); score such output with ``msmarco_eval.py --string_ids``.
+
 Output (written atomically; an existing file is refused unless ``--overwrite``):
 
 * default: ``{output_dir}/{mode}.rank.tsv``, lines ``qid\\tpid\\trank`` (``D`` + docid with ``--dataset doc``), in
@@ -22,23 +25,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
 from io_utils import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
+from preprocess import SPLIT_NAMES
 from run_file import iter_run, load_id_map
 
-MODES = ("train", "dev", "test", "lead")
 DEFAULT_TAG = "System"   # the run tag of the original test_trec_eval.py
 
 
-def _official(ids: np.ndarray, offset: int, what: str, path: PathLike, line: int) -> int:
-    """``ids[offset]``; an offset past the map raises :class:`InputError` naming the line."""
+def _official(ids: np.ndarray, offset: int, what: str, path: PathLike, line: int) -> Union[int, str]:
+    """``ids[offset]`` (an int, or a str for a string-id map); an offset past the map raises :class:`InputError`
+    naming the line."""
     if offset >= len(ids):
         raise InputError(f"{what} offset is out of range (the id map has {len(ids)} entries)", path=path,
                          line=line, value=offset)
-    return int(ids[offset])
+    return ids[offset].item()
 
 
 def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.ndarray, doc_ids: np.ndarray,
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_dir", required=True, help="folder holding {mode}.rank.tsv (offsets)")
     parser.add_argument("--preprocess_dir", required=True,
                         help="preprocess output: passages_ids.npy and {mode}-query_ids.npy")
-    parser.add_argument("--mode", required=True, choices=MODES, help="query split")
+    parser.add_argument("--mode", required=True, choices=SPLIT_NAMES, help="query split")
     parser.add_argument("--output_dir", required=True, help="where {mode}.rank.tsv (or {mode}.trec) goes")
     parser.add_argument("--dataset", required=True, choices=("passage", "doc"),
                         help="doc: document ids get the D prefix")

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Download MS MARCO (passage and document ranking), the TREC DL 2019 test qrels and the roberta-base tokenizer
-# files into DIR/{passage,doc}/dataset and DIR/roberta-base (the files the original download_data.sh fetches).
+# Download MS MARCO (passage and document ranking), the TREC DL 2019 and 2020 test queries and qrels and the
+# roberta-base tokenizer files into DIR/{passage,doc}/dataset and DIR/roberta-base (the files the original
+# download_data.sh fetches, plus DL 2020).
 #
 # Usage:  bash download_data.sh [passage|doc|tokenizer|all] [--dir DIR]      (default: all, DIR=data)
 #
 #   passage    collectionandqueries.tar.gz (extracted: collection.tsv, queries.{train,dev,eval}[.small].tsv,
-#              qrels.*), msmarco-test2019-queries.tsv, 2019qrels-pass.txt                        ~1 GB download
+#              qrels.*), msmarco-test2019-queries.tsv, 2019qrels-pass.txt, msmarco-test2020-queries.tsv,
+#              2020qrels-pass.txt (TREC DL 2020: preprocess's test2020 split)                   ~1 GB download
 #   doc        msmarco-docs.tsv, msmarco-doc{train,dev}-{queries,qrels}.tsv, msmarco-test2019-queries.tsv,
 #              docleaderboard-queries.tsv (the original forgot to gunzip it, so doc preprocessing crashed),
 #              msmarco-doctrain-top100 (official BM25 top-100 train run: the doc warm-up's negatives),
-#              2019qrels-docs.txt                                                            ~8.5 GB download
+#              2019qrels-docs.txt, msmarco-test2020-queries.tsv, 2020qrels-docs.txt         ~8.5 GB download
 #   tokenizer  roberta-base vocab.json + merges.txt (the 2.8-faithful preprocessing needs only these)
 #
 # Resumable: a file is complete when its DEST.done marker exists (written after the download, the checksum and
@@ -120,17 +122,22 @@ passage() {
   step "msmarco-test2019-queries.tsv (passage)" gunzipped "$MSMARCO/msmarco-test2019-queries.tsv.gz" \
     "$d/msmarco-test2019-queries.tsv"
   step "2019qrels-pass.txt" fetch "$TREC/2019qrels-pass.txt" "$d/2019qrels-pass.txt"
+  step "msmarco-test2020-queries.tsv (passage)" gunzipped "$MSMARCO/msmarco-test2020-queries.tsv.gz" \
+    "$d/msmarco-test2020-queries.tsv"
+  step "2020qrels-pass.txt" fetch "$TREC/2020qrels-pass.txt" "$d/2020qrels-pass.txt"
 }
 
 doc() {
   local d=$DIR/doc/dataset name
   echo "== MS MARCO document -> $d"
   for name in msmarco-docs.tsv msmarco-doctrain-queries.tsv msmarco-doctrain-qrels.tsv msmarco-test2019-queries.tsv \
-              msmarco-docdev-queries.tsv msmarco-docdev-qrels.tsv docleaderboard-queries.tsv; do
+              msmarco-test2020-queries.tsv msmarco-docdev-queries.tsv msmarco-docdev-qrels.tsv \
+              docleaderboard-queries.tsv; do
     step "$name (doc)" gunzipped "$MSMARCO/$name.gz" "$d/$name"
   done
   step "msmarco-doctrain-top100" gunzipped "$MSMARCO/msmarco-doctrain-top100.gz" "$d/msmarco-doctrain-top100"
   step "2019qrels-docs.txt" fetch "$TREC/2019qrels-docs.txt" "$d/2019qrels-docs.txt"
+  step "2020qrels-docs.txt" fetch "$TREC/2020qrels-docs.txt" "$d/2020qrels-docs.txt"
 }
 
 tokenizer() {

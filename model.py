@@ -41,13 +41,20 @@ HEAD_PREFIXES = ("embeddingHead.", "norm.")
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
 HEAD_LAYER_NORM_EPS = 1e-5
+#: The files of a Hugging Face tokenizer that a model folder may carry (copied byte for byte on save).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+_VOCABULARY_FILES = {"tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                     "tokenizer.model"}
 
 
 class DenseEncoder(torch.nn.Module):
     """Shared query/document encoder: backbone → pooling ("first" | masked "mean") → optional head → optional L2.
 
     Attributes: ``config`` (the HF config), the backbone under ``self.<base_model_prefix>``, ``embeddingHead``
-    and ``norm`` when ``head`` is true, and ``pooling``, ``head``, ``normalize``.
+    and ``norm`` when ``head`` is true, ``pooling``, ``head``, ``normalize``, and ``tokenizer_files`` (name ->
+    bytes: the tokenizer of the folder it was loaded from, empty if none), which :meth:`save_pretrained` writes.
     """
 
     def __init__(self, config: PretrainedConfig, pooling: str = "first", head: bool = True,
@@ -70,6 +77,7 @@ class DenseEncoder(torch.nn.Module):
             std = getattr(config, "initializer_range", 0.02)
             torch.nn.init.normal_(self.embeddingHead.weight, mean=0.0, std=std)
             torch.nn.init.zeros_(self.embeddingHead.bias)
+        self.tokenizer_files: dict[str, bytes] = {}
         self._record_settings()
 
     # -- construction -------------------------------------------------------------------------------------
@@ -113,6 +121,7 @@ class DenseEncoder(torch.nn.Module):
             raise InputError(f"pooling must be one of {POOLINGS}", path=folder / "config.json", value=pooling)
         model = cls(config, pooling=pooling, head=bool(head), normalize=bool(normalize))
         model._load_state(state, weights_path, fresh_head)
+        model.tokenizer_files = read_tokenizer_files(folder)
         return model
 
     def _load_state(self, state: Mapping[str, torch.Tensor], weights_path: Path, fresh_head: bool) -> None:
@@ -194,7 +203,8 @@ class DenseEncoder(torch.nn.Module):
         self.config.output_embedding_size = self._output_dim
 
     def save_pretrained(self, path: PathLike) -> None:
-        """Write ``config.json`` (with the ``dr_*`` keys) and ``model.safetensors`` into ``path``.
+        """Write ``config.json`` (with the ``dr_*`` keys), ``model.safetensors`` and the ``tokenizer_files`` into
+        ``path``, so that ``AutoTokenizer.from_pretrained(path)`` gives the model's tokenizer.
 
         Each file is written to a temporary name and renamed into place; the weights go first, so a crash
         leaves either the old pair or new weights next to an old config, never a truncated file.
@@ -202,10 +212,22 @@ class DenseEncoder(torch.nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self._record_settings()
+        for name, content in sorted(self.tokenizer_files.items()):
+            with atomic_output(folder / name) as tmp:
+                tmp.write_bytes(content)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         with atomic_output(folder / SAFETENSORS_NAME) as tmp:
             save_safetensors(state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(folder / "config.json", self.config.to_json_string(use_diff=False))
+
+
+def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The tokenizer files (:data:`TOKENIZER_FILES`) in ``folder``, name -> bytes; empty when it holds no
+    vocabulary file (``tokenizer.json``, ``vocab.json``, ``vocab.txt`` or a sentencepiece model)."""
+    present = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+    if not _VOCABULARY_FILES & set(present):
+        return {}
+    return {name: path.read_bytes() for name, path in present.items()}
 
 
 def _build_backbone(config: PretrainedConfig) -> torch.nn.Module:
@@ -334,4 +356,4 @@ def model_identity(path: PathLike, model: Optional[DenseEncoder] = None) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-__all__ = ["DenseEncoder", "model_identity", "POOLINGS"]
+__all__ = ["DenseEncoder", "model_identity", "read_tokenizer_files", "POOLINGS", "TOKENIZER_FILES"]

@@ -20,6 +20,8 @@ Input files (fields split on any whitespace; blank lines skipped; CRLF and a UTF
 * Reference (qrels), 4 columns ``qid ITER docid grade``: the preprocessed ``{split}-qrel.tsv``
   (``qoffset\\t0\\tpoffset\\trel``), the official ``qrels.dev.small.tsv`` (tabs), TREC qrels (spaces, ``Q0``), the
   document qrels (``D`` ids).  ITER is ignored.  A pair judged twice keeps its highest grade (with a warning).
+  BEIR qrels (``qrels/<split>.tsv``) are read too: a first line ``query-id corpus-id score`` announces 3 columns
+  ``qid docid grade`` on every later line.
 * Candidate (run): a rank file ``qid docid rank [score]`` (the original's) or a TREC run
   ``qid Q0 docid rank score tag``, read by :mod:`run_file` (formats and line rules there).  In a rank file the
   rank column is the position, at most ``max_rank`` (the original's 1000 slots), and a (qid, rank) pair given
@@ -72,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
 import cli_types as ct
+from beir_input import QRELS_HEADER as BEIR_HEADER
 from io_utils import InputError, PathLike, iter_lines, parse_int, run_cli
 from run_file import check_ids, iter_run, parse_docid, parse_qid, trec_eval_order
 
@@ -80,6 +83,7 @@ DEFAULT_CUTOFF = 10      # MRR@10
 DOC_CUTOFF = 100         # `doc` mode: MRR@100
 METRIC_RE = re.compile(r"^(?:(MRR|R|P|nDCG)@([1-9][0-9]*)|(MAP))$")
 BLOCK_RULE = "#####################"
+QRELS_COLUMNS, BEIR_COLUMNS = "qid iter docid grade", "qid docid grade"   # reference formats (module docstring)
 
 Qrels = dict[Hashable, dict[Hashable, int]]
 
@@ -116,19 +120,27 @@ def _warn(message: str) -> None:
 def load_reference(path: PathLike, ids: str = "int") -> Qrels:
     """Read qrels (``qid ITER docid grade``) → ``{qid: {docid: grade}}``, every judgment kept whatever its grade.
 
-    Raises :class:`InputError` on a line without 4 fields, a non-integer id (``ids`` "int"/"doc") or grade, a
-    missing ``D`` prefix (``ids="doc"``), or a file with no judgment.  A pair judged twice keeps its highest grade.
+    A BEIR qrels file (first line ``query-id corpus-id score``) has 3 fields ``qid docid grade`` per later line.
+    Raises :class:`InputError` on a line with another field count, a non-integer id (``ids`` "int"/"doc") or grade,
+    a missing ``D`` prefix (``ids="doc"``), or a file with no judgment.  A pair judged twice keeps its highest grade.
     """
     check_ids(ids)
     qrels: Qrels = {}
     repeated = 0
+    columns: Optional[str] = None   # the format, fixed by the first non-blank line
     for number, line in iter_lines(path, "reference file"):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 4:
-            raise InputError(f"expected 4 fields (qid iter docid grade), found {len(parts)}", path=path,
+        if columns is None:
+            columns = BEIR_COLUMNS if tuple(parts) == BEIR_HEADER else QRELS_COLUMNS
+            if columns == BEIR_COLUMNS:
+                continue
+        if len(parts) != len(columns.split()):
+            raise InputError(f"expected {len(columns.split())} fields ({columns}), found {len(parts)}", path=path,
                              line=number, value=line)
+        if columns == BEIR_COLUMNS:
+            parts.insert(1, "0")
         qid = parse_qid(parts[0], ids, path, number)
         docid = parse_docid(parts[2], ids, path, number)
         grade = parse_int(parts[3], path, number, "relevance grade", allow_negative=True)

@@ -30,9 +30,17 @@ name and renamed into place only when the whole run succeeded:
   ``qoffset \\t 0 \\t poffset \\t grade`` per qrels line (grade kept as written, 0 included).
   With qrels, only the queries named in them are kept, in query-file order.
 
+BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl``, ``queries.jsonl``,
+``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being ``title<sep>text``, except
+that the id maps keep the string ids and there are no pickles:
+
+* ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
+  id}``, loadable with ``allow_pickle=False``; :func:`run_file.load_id_map` reads both kinds): the ``_id`` of each
+  offset.  ``cvt_back.py`` writes these ids back.
+
 Tokenization reproduces transformers 2.8.0 ``RobertaTokenizer.encode(text, add_special_tokens=True,
 max_length=L)`` with ``do_lower_case=True`` id for id, using the fast (Rust) tokenizer: see
-:class:`Faithful28Tokenizer`.
+:class:`Faithful28Tokenizer` (a cased non-RoBERTa tokenizer is not lower-cased).
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 import numpy as np
 from tqdm import tqdm
 
+import beir_input
 import cli_types as ct
 from io_utils import InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing, require_file, run_cli
 
@@ -67,16 +76,19 @@ SPLITS = {
     PASSAGE: {
         "train": ("queries.train.tsv", "qrels.train.tsv"),
         "dev": ("queries.dev.small.tsv", "qrels.dev.small.tsv"),
-        "test": ("msmarco-test2019-queries.tsv", "2019qrels-pass.txt"),
+        "test": ("msmarco-test2019-queries.tsv", "2019qrels-pass.txt"),  # TREC DL 2019
+        "test2020": ("msmarco-test2020-queries.tsv", "2020qrels-pass.txt"),  # TREC DL 2020
         "lead": ("queries.eval.small.tsv", None),
     },
     DOC: {
         "train": ("msmarco-doctrain-queries.tsv", "msmarco-doctrain-qrels.tsv"),
         "test": ("msmarco-test2019-queries.tsv", "2019qrels-docs.txt"),
+        "test2020": ("msmarco-test2020-queries.tsv", "2020qrels-docs.txt"),
         "dev": ("msmarco-docdev-queries.tsv", "msmarco-docdev-qrels.tsv"),
         "lead": ("docleaderboard-queries.tsv", None),
     },
 }
+SPLIT_NAMES = tuple(dict.fromkeys(name for splits in SPLITS.values() for name in splits))  # the drivers' --mode
 DOC_FIELD_SEP = "<sep>"  # a literal string, tokenized like any text (not a special token)
 BATCH_SIZE = 2048
 CHARS_PER_TOKEN = 12  # prefix shortcut: tokenize ~this many characters per needed token first
@@ -134,6 +146,15 @@ _CUT_SAFE_PRE = {"ByteLevel", "BertPreTokenizer", "Whitespace", "WhitespaceSplit
 _CUT_SAFE_NORM = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"}
 
 
+def lower_cases_itself(tokenizer: Any) -> bool:
+    """Whether a fast tokenizer lower-cases its input: ``do_lower_case`` set, or a ``Lowercase`` /
+    lower-casing ``BertNormalizer`` in its backend normalizer (an uncased BERT)."""
+    if getattr(tokenizer, "do_lower_case", False):
+        return True
+    return any(n["type"] == "Lowercase" or (n["type"] == "BertNormalizer" and n.get("lowercase"))
+               for n in _members(tokenizer.backend_tokenizer.normalizer))
+
+
 class Faithful28Tokenizer:
     """transformers-2.8 ``encode(text, add_special_tokens=True, max_length=L)`` on a modern fast tokenizer.
 
@@ -147,7 +168,10 @@ class Faithful28Tokenizer:
     4. byte-level-BPE-tokenizes the pieces, keeps the first ``L - 2`` ids and returns ``[cls] + ids + [sep]``.
 
     Empty or whitespace-only text gives ``[cls, sep]`` (2.8 itself crashed on the empty string).  Any other
-    fast tokenizer works with its own cls/bos and sep/eos ids (e.g. BERT's ``[CLS] … [SEP]``).
+    fast tokenizer works with its own cls/bos and sep/eos ids (e.g. BERT's ``[CLS] … [SEP]``).  Step 2 (the
+    original's ``do_lower_case=True``) belongs to the byte-level RoBERTa emulation: another tokenizer gets it
+    only when it lower-cases itself (:func:`lower_cases_itself`, an uncased BERT), so a cased one sees the
+    text's own case (``lower_case`` says which).
 
     Long texts are first tokenized from a prefix ending at a space, about ``chars_per_token`` characters per
     needed token; the ids of that prefix are a prefix of the full text's ids (the cut is a pre-tokenizer
@@ -164,6 +188,7 @@ class Faithful28Tokenizer:
         self._backend.no_truncation()
         self._budget: Optional[int] = None  # the backend's current truncation length
         self.prefix_space = self._disable_backend_prefix_space()
+        self.lower_case = self.prefix_space or lower_cases_itself(tokenizer)
         specials = sorted(set(tokenizer.all_special_tokens), key=len, reverse=True)
         alternation = "|".join(map(re.escape, specials))
         self._special = re.compile(f"({alternation})") if specials else None
@@ -194,12 +219,12 @@ class Faithful28Tokenizer:
                 and all(n["type"] in _CUT_SAFE_NORM for n in norm))
 
     def normalize(self, text: str) -> str:
-        """The text 2.8 BPE-tokenized: steps 1–3 above (prefix space, lower-case, strip)."""
+        """The text 2.8 BPE-tokenized: steps 1–3 above (prefix space, lower-case where it belongs, strip)."""
         if self.prefix_space and text and not text[0].isspace():
             text = " " + text
-        if self._special is None or not self._special.search(text):
+        if self.lower_case and (self._special is None or not self._special.search(text)):
             text = _lower_chars(text)
-        else:
+        elif self.lower_case:
             parts = self._special.split(text)  # odd positions are special-token strings: kept as is
             text = "".join(p if i % 2 else _lower_chars(p) for i, p in enumerate(parts))
         if self._special is not None and self._special.search(text):
@@ -399,7 +424,7 @@ def read_qrels(path: Path, data_type: int) -> list[QrelLine]:
 class SplitPlan:
     """A validated query split: kept queries (query-file order) and qrels in offset space."""
     name: str
-    qids: list[int]
+    qids: list[Any]  # int (MS MARCO) or str (BEIR) ids
     texts: list[str]
     qrels: Optional[list[tuple[int, int, str]]]  # (query offset, passage offset, grade)
 
@@ -522,12 +547,15 @@ def _corpus_texts(path: Path, data_type: int, max_chars: int, ids: np.ndarray) -
         yield text
 
 
-def output_names(splits: Iterable[tuple[str, bool]]) -> list[str]:
-    """Every output file name of a run over ``(split name, has qrels)`` pairs."""
-    names = ["passages.memmap", "passages_length.npy", "passages_meta", "passages_ids.npy", "pid2offset.pickle"]
+def output_names(splits: Iterable[tuple[str, bool]], pickles: bool = True) -> list[str]:
+    """Every output file name of a run over ``(split name, has qrels)`` pairs (the id pickles unless not
+    ``pickles``)."""
+    names = ["passages.memmap", "passages_length.npy", "passages_meta", "passages_ids.npy"]
+    names += ["pid2offset.pickle"] if pickles else []
     for name, has_qrels in splits:
-        names += [f"{name}-query.memmap", f"{name}-query_length.npy", f"{name}-query_meta",
-                  f"{name}-query_ids.npy", f"{name}-qid2offset.pickle"] + ([f"{name}-qrel.tsv"] if has_qrels else [])
+        names += [f"{name}-query.memmap", f"{name}-query_length.npy", f"{name}-query_meta", f"{name}-query_ids.npy"]
+        names += [f"{name}-qid2offset.pickle"] if pickles else []
+        names += [f"{name}-qrel.tsv"] if has_qrels else []
     return names
 
 
@@ -554,11 +582,22 @@ def rust_threads(threads: Optional[int]) -> Iterator[None]:
 
 def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer: Any, max_seq_length: int = 512,
                max_query_length: int = 64, max_doc_character: int = 10000, overwrite: bool = False,
-               batch_size: int = BATCH_SIZE, threads: Optional[int] = None) -> dict[str, int]:
-    """Preprocess one MS MARCO task (``data_type`` 0 = doc, 1 = passage); returns the row count per output
-    (``"passages"`` and each split).  Everything is validated before the collection is tokenized."""
+               batch_size: int = BATCH_SIZE, threads: Optional[int] = None,
+               input_format: str = "msmarco") -> dict[str, int]:
+    """Preprocess one MS MARCO task (``data_type`` 0 = doc, 1 = passage), or with ``input_format="beir"`` a
+    collection in the BEIR layout (:mod:`beir_input`); returns the row count per output (``"passages"`` and each
+    split).  Everything is validated before the collection is tokenized."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     faithful = tokenizer if isinstance(tokenizer, Faithful28Tokenizer) else Faithful28Tokenizer(tokenizer)
+    if input_format == "beir":
+        names = output_names(((name, True) for name, _ in beir_input.qrels_paths(data_dir)), pickles=False)
+        for name in names:
+            refuse_existing(out_dir / name, overwrite)
+        ids = beir_input.scan_corpus(data_dir)
+        plans = [SplitPlan(*split) for split in beir_input.read_splits(data_dir, ids)]
+        texts = beir_input.corpus_texts(data_dir, ids, DOC_FIELD_SEP, max_doc_character)
+        return write_outputs(out_dir, faithful, ids, texts, data_dir / beir_input.CORPUS, plans, max_seq_length,
+                             max_query_length, batch_size, threads, "tokenize corpus")
     collection = require_file(data_dir / COLLECTION[data_type], "collection")
     splits = []
     for name, (query_file, qrels_file) in SPLITS[data_type].items():
@@ -573,21 +612,32 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
     ids = scan_corpus_ids(collection, data_type)
     index = IdIndex(ids)
     plans = [plan_split(name, q, r, data_type, index) for name, q, r in splits]
+    texts = _corpus_texts(collection, data_type, max_doc_character, ids)
+    return write_outputs(out_dir, faithful, ids, texts, collection, plans, max_seq_length, max_query_length,
+                         batch_size, threads, f"tokenize {KIND[data_type]}s")
 
+
+def write_outputs(out_dir: Path, faithful: Faithful28Tokenizer, ids: np.ndarray, texts: Iterable[str],
+                  source: Path, plans: Sequence[SplitPlan], max_seq_length: int, max_query_length: int,
+                  batch_size: int, threads: Optional[int], desc: str) -> dict[str, int]:
+    """Tokenize the corpus ``texts`` (streamed from ``source``) and each split, write every output; returns the
+    row counts.  Integer ``ids`` also get the id pickles; string ids (a unicode array) get unicode id maps only."""
+    string = ids.dtype.kind == "U"
     counts = {"passages": len(ids)}
     with rust_threads(threads), OutputStage(out_dir) as stage:
-        texts = _corpus_texts(collection, data_type, max_doc_character, ids)
-        write_token_matrix(stage, "passages", texts, len(ids), max_seq_length, faithful, batch_size,
-                           f"tokenize {KIND[data_type]}s", source=collection)
+        write_token_matrix(stage, "passages", texts, len(ids), max_seq_length, faithful, batch_size, desc,
+                           source=source)
         stage.npy("passages_ids.npy", ids)
-        stage.id_pickle("pid2offset.pickle", ids)
+        if not string:
+            stage.id_pickle("pid2offset.pickle", ids)
         for plan in plans:
             prefix = f"{plan.name}-query"
             write_token_matrix(stage, prefix, plan.texts, len(plan.qids), max_query_length, faithful, batch_size,
                                f"tokenize {plan.name}")
-            qids = np.asarray(plan.qids, np.int64)
+            qids = beir_input.string_ids(plan.qids) if string else np.asarray(plan.qids, np.int64)
             stage.npy(f"{prefix}_ids.npy", qids)
-            stage.id_pickle(f"{plan.name}-qid2offset.pickle", qids)
+            if not string:
+                stage.id_pickle(f"{plan.name}-qid2offset.pickle", qids)
             if plan.qrels is not None:
                 stage.text(f"{plan.name}-qrel.tsv", "".join(f"{q}\t0\t{p}\t{g}\n" for q, p, g in plan.qrels))
             counts[plan.name] = len(plan.qids)
@@ -621,9 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenization the STAR/ADORE checkpoints expect, into int32 memmaps.",
         epilog="Writes passages.memmap (int32 [N, max_seq_length], <s> ids </s> then 0-padding), "
                "passages_length.npy, passages_meta, passages_ids.npy, pid2offset.pickle and, per split "
-               "(train, dev, test, lead; skipped when its query file is absent), {split}-query.memmap, "
-               "{split}-query_length.npy, {split}-query_meta, {split}-query_ids.npy, {split}-qid2offset.pickle "
-               "and {split}-qrel.tsv (qoffset 0 poffset grade). Nothing is written unless the whole run succeeds.")
+               "(train, dev, test = TREC DL 2019, test2020 = DL 2020, lead; skipped when its query file is absent), "
+               "{split}-query.memmap, {split}-query_length.npy, {split}-query_meta, {split}-query_ids.npy, "
+               "{split}-qid2offset.pickle and {split}-qrel.tsv (qoffset 0 poffset grade). Nothing is written unless "
+               "the whole run succeeds.")
+    p.add_argument("--input_format", choices=["msmarco", "beir"], default="msmarco",
+                   help="msmarco (default): the MS MARCO files of --data_type; beir: corpus.jsonl, queries.jsonl "
+                        "and qrels/{train,dev,test}.tsv with string ids (see beir_input.py)")
     p.add_argument("--data_type", type=ct.integer, choices=[DOC, PASSAGE], default=PASSAGE,
                    help="0 = documents (msmarco-docs.tsv), 1 = passages (collection.tsv) (default 1)")
     p.add_argument("--model_name_or_path", default="roberta-base",
@@ -659,6 +713,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         max_doc_character=args.max_doc_character,
         overwrite=args.overwrite,
         threads=ct.at_most_cpus(args.threads, "--threads"),
+        input_format=args.input_format,
     )
     print(" ".join(f"{name}={n}" for name, n in counts.items()))
     return 0

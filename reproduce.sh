@@ -239,10 +239,16 @@ star() {
   star_train "$ROOT/train/star" star "$WARMUP" --hardneg_path "$MINED/hard.npy" "${TRAIN_ARGS[@]}"
 }
 
-# encode MODEL_DIR OUT_DIR: corpus + dev and test queries with a STAR-type model, top-100 rank files
+# ranked_splits: dev, test (TREC DL 2019) and, when preprocess wrote it, test2020 (TREC DL 2020)
+ranked_splits() {
+  echo dev test
+  if [[ -f $PRE/test2020-query.memmap ]]; then echo test2020; fi
+}
+
+# encode MODEL_DIR OUT_DIR: corpus + the ranked_splits queries with a STAR-type model, top-100 rank files
 encode() {
   local split
-  for split in dev test; do
+  for split in $(ranked_splits); do
     "$PY" -m star.inference --data_type "$KIND" --mode "$split" --model_dir "$1" --preprocess_dir "$PRE" \
       --output_dir "$2" --max_query_length 32 --max_doc_length "$DOC_LEN" --overwrite \
       "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
@@ -262,11 +268,11 @@ adore() {                   # ADORE's query encoder from MODEL's checkpoint, aga
     --logging_steps "$(( SAMPLE == 1 ? 5 : 100 ))" "${DEV_ARGS[@]}" "${ADORE_FAISS[@]}"
 }
 
-adore_inference() {         # the last ADORE checkpoint on dev and test
+adore_inference() {         # the last ADORE checkpoint on the ranked_splits
   local model=$1 split checkpoint
   checkpoint=$(latest_checkpoint "$ROOT/adore_train/$model")
   echo "ADORE($model) model: $checkpoint"
-  for split in dev test; do
+  for split in $(ranked_splits); do
     "$PY" -m adore.inference --model_dir "$checkpoint" --output_dir "$ROOT/evaluate/adore-$model" \
       --preprocess_dir "$PRE" --mode "$split" --dmemmap_path "$ROOT/evaluate/$model/passages.memmap" \
       --overwrite "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"

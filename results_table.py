@@ -5,17 +5,19 @@
 Layout read under ``--root`` (what reproduce.sh writes; ``KEY`` is inbatch, rand or star)::
 
     preprocess/dev-qrel.tsv, test-qrel.tsv          offset qrels (test: graded, TREC DL 2019)
-    evaluate/KEY/{dev,test}.rank.tsv                 Inbatch-Neg, Rand-Neg, STAR (star/inference.py)
-    evaluate/adore-KEY/{dev,test}.rank.tsv           ADORE(...) (adore/inference.py)
+    preprocess/test2020-qrel.tsv                     graded TREC DL 2020 qrels (when preprocess wrote the split)
+    evaluate/KEY/{dev,test,test2020}.rank.tsv        Inbatch-Neg, Rand-Neg, STAR (star/inference.py)
+    evaluate/adore-KEY/{dev,test,test2020}.rank.tsv  ADORE(...) (adore/inference.py)
     warmup_retrieve/{dev,test}.rank.tsv              the warm-up model (an extra first row when present)
     train/KEY/checkpoint-<step>/, train/KEY/log/     STAR-type checkpoints and TensorBoard events (tag ``loss``)
     adore_train/KEY/checkpoint-<step>/, .../log/     ADORE checkpoints and events (tag ``train/all_loss``)
     evaluate/KEY/passages.memmap                     the frozen document embeddings ADORE(KEY) searches
 
 Metrics (msmarco_eval, see its docstring): Dev MRR@10 (MRR@100 for documents) and R@100 on ``dev-qrel.tsv``;
-Test NDCG@10 (``trec_eval -c`` on the graded ``test-qrel.tsv``).  Outputs in ``--out_dir`` (default
-``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the comparisons below
-and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
+Test NDCG@10 (``trec_eval -c`` on the graded ``test-qrel.tsv``); DL20 NDCG@10 likewise on ``test2020-qrel.tsv``, a
+column (and a ``dl20_ndcg10`` field) only when some model has a ``test2020.rank.tsv``.  Outputs in ``--out_dir``
+(default ``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the
+comparisons below and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
 
 Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
 metric is at least as good (``results.json["comparisons"]``, also listed under the table).
@@ -49,6 +51,9 @@ TABLE_KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-s
 COMPARISONS = (("adore-inbatch", "inbatch"), ("adore-rand", "rand"), ("adore-star", "star"), ("star", "inbatch"))
 LOSS_TAGS = ("loss", "train/all_loss")   # star/train.py, adore/train.py
 SEARCH_DEPTH = 100
+NDCG_SPLITS = {"test": "test_ndcg10", "test2020": "dl20_ndcg10"}  # NDCG@10 field of TREC DL 2019 (test) and DL 2020
+COLUMNS = {"dev_mrr": "Dev MRR@{depth}", "dev_r100": "Dev R@100", "test_ndcg10": "Test NDCG@10",
+           "dl20_ndcg10": "DL20 NDCG@10"}   # table header of each field present
 
 
 # ==============================================================================================================
@@ -64,27 +69,32 @@ def rank_dir(root: Path, key: str) -> Path:
     return root / "warmup_retrieve" if key == "warmup" else root / "evaluate" / key
 
 
-def score_rank_files(folder: Path, preprocess_dir: Path, depth: int) -> dict[str, Optional[float]]:
-    """Dev MRR@depth and R@100 and Test NDCG@10 of ``folder/{dev,test}.rank.tsv`` (None where a file is absent)."""
-    row: dict[str, Optional[float]] = {"dev_mrr": None, "dev_r100": None, "test_ndcg10": None}
-    dev, test = folder / "dev.rank.tsv", folder / "test.rank.tsv"
+def score_rank_files(folder: Path, preprocess_dir: Path, depth: int,
+                     ndcg_splits: Sequence[str]) -> dict[str, Optional[float]]:
+    """Dev MRR@depth and R@100 of ``folder/dev.rank.tsv`` and the NDCG@10 of ``folder/{split}.rank.tsv`` against
+    ``{split}-qrel.tsv`` for each of ``ndcg_splits`` (fields :data:`NDCG_SPLITS`); None where a file is absent."""
+    row: dict[str, Optional[float]] = {"dev_mrr": None, "dev_r100": None}
+    dev = folder / "dev.rank.tsv"
     if dev.is_file():
         m = evaluate_files(preprocess_dir / "dev-qrel.tsv", dev, metrics=(f"MRR@{depth}", "R@100"))
         row["dev_mrr"], row["dev_r100"] = m[f"MRR@{depth}"], m["R@100"]
-    if test.is_file():
-        row["test_ndcg10"] = evaluate_files(preprocess_dir / "test-qrel.tsv", test, metrics=("nDCG@10",))["nDCG@10"]
+    for split in ndcg_splits:
+        rank = folder / f"{split}.rank.tsv"
+        row[NDCG_SPLITS[split]] = (evaluate_files(preprocess_dir / f"{split}-qrel.tsv", rank,
+                                                  metrics=("nDCG@10",))["nDCG@10"] if rank.is_file() else None)
     return row
 
 
 def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
-    """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files."""
+    """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files; the DL20
+    field only when some model has a ``test2020.rank.tsv``."""
     root = Path(root)
-    rows = {}
-    for key in ("warmup", *TABLE_KEYS):
-        folder = rank_dir(root, key)
-        if (folder / "dev.rank.tsv").is_file() or (folder / "test.rank.tsv").is_file():
-            rows[key] = score_rank_files(folder, root / "preprocess", mrr_depth(task))
-    return rows
+    folders = {key: rank_dir(root, key) for key in ("warmup", *TABLE_KEYS)}
+    ranked = {key: {split for split in ("dev", *NDCG_SPLITS) if (folder / f"{split}.rank.tsv").is_file()}
+              for key, folder in folders.items()}
+    ndcg_splits = [split for split in NDCG_SPLITS if split == "test" or any(split in r for r in ranked.values())]
+    return {key: score_rank_files(folder, root / "preprocess", mrr_depth(task), ndcg_splits)
+            for key, folder in folders.items() if ranked[key]}
 
 
 def compare(rows: dict[str, dict[str, Optional[float]]]) -> list[dict[str, Any]]:
@@ -103,11 +113,12 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def markdown_table(rows: dict[str, dict[str, Optional[float]]], task: str, title: str) -> str:
-    """The README-shaped table, one line per model present."""
-    lines = [f"| {title} | Dev MRR@{mrr_depth(task)} | Dev R@100 | Test NDCG@10 |", "|---|---|---|---|"]
+    """The README-shaped table, one line per model present, one column per field of :data:`COLUMNS` present."""
+    fields = [field for field in COLUMNS if any(field in row for row in rows.values())]
+    header = [title] + [COLUMNS[field].format(depth=mrr_depth(task)) for field in fields]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, row in rows.items():
-        lines.append(f"| {NAMES[key]} | {_fmt(row['dev_mrr'])} | {_fmt(row['dev_r100'])} | "
-                     f"{_fmt(row['test_ndcg10'])} |")
+        lines.append("| " + " | ".join([NAMES[key]] + [_fmt(row[field]) for field in fields]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -195,12 +195,14 @@ def read_run_arrays(path: PathLike, ids: str = "int",
 
 def load_id_map(path: PathLike) -> np.ndarray:
     """A preprocessing id map (``passages_ids.npy``, ``{split}-query_ids.npy``: the official id of each offset),
-    a 1-D integer ``.npy`` loaded without unpickling → int64 array."""
+    a 1-D ``.npy`` loaded without unpickling: integer ids (MS MARCO) → int64 array; string ids (the BEIR layout,
+    dtype ``<U``) → that unicode array."""
     require_file(path, "id map")
     try:
         ids = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise InputError(f"not a plain .npy array ({e})", path=path) from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError("expected a 1-D integer array of official ids", path=path, value=f"{ids.dtype} {ids.shape}")
-    return ids.astype(np.int64, copy=False)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.dtype.kind == "U"):
+        raise InputError("expected a 1-D integer array of official ids (or a unicode array of string ids)",
+                         path=path, value=f"{ids.dtype} {ids.shape}")
+    return ids if ids.dtype.kind == "U" else ids.astype(np.int64, copy=False)

@@ -34,6 +34,7 @@ from dataset import TokenIdsCache
 from dist_utils import (DistInfo, all_gather_object, all_gather_with_grad, all_reduce_sum, barrier,
                         cleanup_distributed, get_rank, get_world_size, init_distributed, unwrap_model)
 from io_utils import PathLike
+from model import DenseEncoder
 from optim_utils import (NO_DECAY_PATTERNS, OPTIMIZERS, Lamb, autocast_context, build_optimizer, fp32_context,
                          linear_schedule, make_grad_scaler, optimizer_step, param_groups)
 
@@ -171,6 +172,15 @@ class TrainLogger:
 # ----------------------------------------------------------------------------------------------------------
 # A run: its checkpointed state, resume, and the data each epoch reads
 # ----------------------------------------------------------------------------------------------------------
+
+def load_init_model(init_path: PathLike, **kwargs: Any) -> DenseEncoder:
+    """``DenseEncoder.from_pretrained(init_path, **kwargs)``; every model the run saves carries the init folder's
+    tokenizer files, and a folder without any is logged once (the saved folders then have no tokenizer)."""
+    model = DenseEncoder.from_pretrained(init_path, **kwargs)
+    if not model.tokenizer_files:
+        logger.info("%s holds no tokenizer files: the saved models will carry none", init_path)
+    return model
+
 
 def resume_settings(args: argparse.Namespace, keys: Iterable[str], **extra: Any) -> dict[str, Any]:
     """The values of the flags ``keys`` (and ``extra``) that decide the data order and the loss: stored in every

@@ -20,6 +20,7 @@ from typing import Optional
 import cli_types as ct
 import retrieve_utils as ru
 from io_utils import configure_logging, refuse_existing, run_cli
+from preprocess import SPLIT_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_dir", required=True, help="ADORE query-encoder checkpoint folder")
     parser.add_argument("--output_dir", required=True, help="where the query memmap and the rank file go")
     parser.add_argument("--preprocess_dir", required=True, help="preprocessed data ({mode}-query memmaps)")
-    parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], required=True, help="query split")
+    parser.add_argument("--mode", choices=SPLIT_NAMES, required=True, help="query split")
     parser.add_argument("--dmemmap_path", required=True, help="document embeddings (STAR passages.memmap)")
     parser.add_argument("--max_seq_length", type=ct.positive_int, default=64,
                         help="query truncation in tokens (default %(default)s)")

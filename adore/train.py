@@ -428,7 +428,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = DenseEncoder.from_pretrained(args.init_path, allow_pickle=args.allow_pickle).to(device)
+    model = tu.load_init_model(args.init_path, allow_pickle=args.allow_pickle).to(device)
     docs = ru.open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite,
                               n_rows=ru.corpus_rows(args.preprocess_dir))
     dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, len(docs))

@@ -19,13 +19,14 @@ from typing import Optional
 
 import retrieve_utils as ru
 from io_utils import configure_logging, refuse_existing, run_cli
+from preprocess import SPLIT_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True, help="chooses the default paths")
     ru.add_query_and_corpus_args(parser, batch_size=32)
-    parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], required=True,
+    parser.add_argument("--mode", choices=SPLIT_NAMES, required=True,
                         help="query split to encode and rank")
     parser.add_argument("--model_dir", help="encoder folder (default ./data/{data_type}/trained_models/star)")
     parser.add_argument("--preprocess_dir", help="preprocessed data (default ./data/{data_type}/preprocess)")

@@ -50,7 +50,7 @@ import retrieve_utils as ru
 from dataset import TokenIdsCache, hardneg_qids_path, load_rel
 from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, refuse_existing,
                       run_cli)
-from preprocess import IdIndex
+from preprocess import SPLIT_NAMES, IdIndex
 from run_file import load_id_map, read_run_arrays
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True,
                         help="chooses the default paths and how document ids are read (D prefix)")
     ru.add_query_and_corpus_args(parser, batch_size=128)
-    parser.add_argument("--mode", choices=["train", "dev", "test", "lead"], default="train",
+    parser.add_argument("--mode", choices=SPLIT_NAMES, default="train",
                         help="query split to mine (default train: STAR trains on the train queries; the original "
                              "README's --mode dev is a bug, DRhard issue #24)")
     parser.add_argument("--model_dir", help="warm-up encoder (default ./data/{data_type}/warmup)")

@@ -295,7 +295,7 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
     output_dir = Path(args.output_dir)
     tu.set_seed(args.seed)
 
-    model = DenseEncoder.from_pretrained(args.init_path)
+    model = tu.load_init_model(args.init_path)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(info.device)

@@ -282,3 +282,81 @@ def end_spawned_worker(queue) -> None:
     queue.close()
     queue.join_thread()
     os._exit(0)
+
+
+# -- the CACM collection (../shared/data/cacm) in the BEIR layout and in the MS MARCO passage layout --------------
+
+def cacm_documents(cacm: Path) -> list[tuple[str, str, str]]:
+    """(docid ``CACM-nnnn``, title, text) of every ``cacm.tar.gz`` file: the title is the first paragraph of its
+    ``<pre>`` block, the text the rest; whitespace runs become one space (the MS MARCO layout has one line each)."""
+    import tarfile
+
+    docs = []
+    with tarfile.open(cacm / "cacm.tar.gz") as tar:
+        for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
+            body = tar.extractfile(member).read().decode("utf-8")
+            body = body.split("<pre>", 1)[1].split("</pre>", 1)[0]
+            title, _, text = body.strip().partition("\n\n")
+            docs.append((Path(member.name).stem, " ".join(title.split()), " ".join(text.split())))
+    return docs
+
+
+def cacm_topics(cacm: Path) -> dict[str, str]:
+    """{topic number: text, whitespace runs made one space} of ``topics.cacm.txt`` (SGML ``<DOC>`` blocks)."""
+    import re
+
+    text = (cacm / "topics.cacm.txt").read_text(encoding="utf-8")
+    return {m[1]: " ".join(m[2].split()) for m in re.finditer(r"<DOCNO>\s*(\S+)\s*</DOCNO>(.*?)</DOC>", text, re.S)}
+
+
+def cacm_qrels(cacm: Path) -> dict[str, list[str]]:
+    """{topic: judged relevant docids} of ``qrels.cacm.txt`` (``qid Q0 CACM-n 1``), file order.  The file writes
+    documents below 1000 unpadded (``CACM-756``) while their files, hence the docids, are ``CACM-0756``: the ids are
+    given the files' four digits (as written they would name no document, and preprocessing refuses such qrels)."""
+    qrels: dict[str, list[str]] = {}
+    for line in (cacm / "qrels.cacm.txt").read_text(encoding="utf-8").splitlines():
+        qid, _, docid, _ = line.split()
+        qrels.setdefault(qid, []).append(f"CACM-{int(docid[5:]):04d}")
+    return qrels
+
+
+def write_cacm_layouts(cacm: Path, beir: Path, msmarco: Path, test_every: int = 4) -> dict[str, dict]:
+    """CACM as a BEIR folder (string ids) and as an MS MARCO passage folder (ids = the numbers, text =
+    ``title<sep>text``, preprocess's join of BEIR fields): every ``test_every``-th judged topic is in the test split,
+    the others in train.  Returns {split: {qid: relevant docids}}."""
+    docs, topics, qrels = cacm_documents(cacm), cacm_topics(cacm), cacm_qrels(cacm)
+    judged = sorted(qrels, key=int)
+    splits = {"train": {}, "test": {}}
+    for i, qid in enumerate(judged):
+        splits["test" if i % test_every == test_every - 1 else "train"][qid] = qrels[qid]
+    (beir / "qrels").mkdir(parents=True)
+    msmarco.mkdir(parents=True)
+    beir_lines = [json.dumps({"_id": d, "title": t, "text": x}) for d, t, x in docs]
+    (beir / "corpus.jsonl").write_text("\n".join(beir_lines) + "\n", encoding="utf-8")
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in topics.items()),
+                                        encoding="utf-8")
+    (msmarco / "collection.tsv").write_text("".join(f"{int(d[5:])}\t{t}<sep>{x}\n" for d, t, x in docs),
+                                            encoding="utf-8")
+    files = {"train": ("queries.train.tsv", "qrels.train.tsv"),
+             "test": ("msmarco-test2019-queries.tsv", "2019qrels-pass.txt")}
+    for split, judged_split in splits.items():
+        rows = [(q, d) for q, ds in judged_split.items() for d in ds]
+        (beir / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in rows), encoding="utf-8")
+        queries, qrels_file = files[split]
+        (msmarco / queries).write_text("".join(f"{q}\t{t}\n" for q, t in topics.items()), encoding="utf-8")
+        (msmarco / qrels_file).write_text("".join(f"{q} Q0 {int(d[5:])} 1\n" for q, d in rows), encoding="utf-8")
+    return splits
+
+
+def reference_metrics(docs: np.ndarray, queries: np.ndarray, qids: list[str], doc_ids: np.ndarray,
+                      relevant: dict[str, list[str]], k: int) -> dict[str, float]:
+    """MRR@k and nDCG@k (binary grades) of an exact inner-product search, straight from the embeddings."""
+    top = np.argsort(-(queries @ docs.T), axis=1, kind="stable")[:, :k]
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    mrr, ndcg = [], []
+    for qid, row in zip(qids, top):
+        hits = np.isin(doc_ids[row], relevant[qid])
+        mrr.append(1.0 / (1 + np.argmax(hits)) if hits.any() else 0.0)
+        ndcg.append(float(hits @ discount) / discount[:min(k, len(relevant[qid]))].sum())
+    return {f"MRR@{k}": float(np.mean(mrr)), f"nDCG@{k}": float(np.mean(ndcg))}

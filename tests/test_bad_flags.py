@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -39,6 +40,7 @@ REQUIRED = {
     "cvt_back": ["--input_dir", "i", "--preprocess_dir", "p", "--mode", "dev", "--output_dir", "o", "--dataset",
                  "passage"],
     "results_table": ["--root", "r"],
+    "export_sentence_transformers": ["--model_dir", "m", "--output_dir", "o"],
 }
 TRAINERS = ("star.train", "adore.train")
 SEARCHERS = ("star.inference", "star.prepare_hardneg", "adore.inference")
@@ -71,6 +73,7 @@ BAD = [
     ("msmarco_eval", "--max_rank", "0"), ("msmarco_eval", "--rel_threshold", "1.5"), ("msmarco_eval", "mode", "0"),
     ("results_table", "--query_length", "0"), ("results_table", "--adore_query_length", "0"),
     ("results_table", "--doc_length", "0"), ("results_table", "--batch_size", "-1"),
+    ("export_sentence_transformers", "--max_seq_length", "1"),
     *((cli, flag, value) for cli in TRAINERS for flag, value in SHARED_TRAINING),
     *((cli, flag, value) for cli in SEARCHERS for flag, value in SHARED_SEARCH),
 ]
@@ -101,7 +104,7 @@ def cli_modules() -> set[str]:
     """Every module run through ``io_utils.run_cli`` (a CLI), found in the source."""
     files = [*REPO.glob("*.py"), *REPO.glob("star/*.py"), *REPO.glob("adore/*.py")]
     return {".".join(p.relative_to(REPO).with_suffix("").parts) for p in files
-            if "run_cli(main)" in p.read_text(encoding="utf-8")}
+            if re.search(r"^\s+run_cli\(main\b", p.read_text(encoding="utf-8"), flags=re.M)}
 
 
 # -- class 1: ranges checked while parsing ---------------------------------------------------------------------

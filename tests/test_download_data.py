@@ -18,10 +18,12 @@ PASSAGE_TAR = {"collection.tsv": "0\tfirst passage\n1\tsecond passage\n",
                "queries.eval.small.tsv": "9\tq nine\n"}
 DOC_GZ = {"msmarco-docs.tsv": "D11\thttp://a\tTitle\tbody text\n" * 2000,
           "msmarco-doctrain-queries.tsv": "5\tdoc q\n", "msmarco-doctrain-qrels.tsv": "5 0 D11 1\n",
-          "msmarco-test2019-queries.tsv": "19\tdl19 q\n", "msmarco-docdev-queries.tsv": "6\tdev q\n",
+          "msmarco-test2019-queries.tsv": "19\tdl19 q\n", "msmarco-test2020-queries.tsv": "20\tdl20 q\n",
+          "msmarco-docdev-queries.tsv": "6\tdev q\n",
           "msmarco-docdev-qrels.tsv": "6\t0\tD11\t1\n", "docleaderboard-queries.tsv": "4\tlead q\n",
           "msmarco-doctrain-top100": "5 Q0 D11 1 9.5 IndriQueryLikelihood\n"}
-TREC = {"2019qrels-pass.txt": "19 Q0 0 3\n", "2019qrels-docs.txt": "19 Q0 D11 2\n"}
+TREC = {"2019qrels-pass.txt": "19 Q0 0 3\n", "2019qrels-docs.txt": "19 Q0 D11 2\n",
+        "2020qrels-pass.txt": "20 0 1 2\n", "2020qrels-docs.txt": "20 0 D11 1\n"}
 TOKENIZER = ("vocab.json", "merges.txt")
 
 
@@ -64,12 +66,14 @@ def _check_complete(out: Path) -> None:
     passage, doc = out / "passage" / "dataset", out / "doc" / "dataset"
     for name, text in PASSAGE_TAR.items():
         assert (passage / name).read_text() == text
-    assert (passage / "msmarco-test2019-queries.tsv").read_text() == DOC_GZ["msmarco-test2019-queries.tsv"]
-    assert (passage / "2019qrels-pass.txt").read_text() == TREC["2019qrels-pass.txt"]
+    for year in (2019, 2020):  # TREC DL 2019 and 2020: the queries beside their qrels
+        queries = f"msmarco-test{year}-queries.tsv"
+        assert (passage / queries).read_bytes() == (doc / queries).read_bytes() == DOC_GZ[queries].encode()
+        assert (passage / f"{year}qrels-pass.txt").read_text() == TREC[f"{year}qrels-pass.txt"]
+        assert (doc / f"{year}qrels-docs.txt").read_text() == TREC[f"{year}qrels-docs.txt"]
     for name, text in DOC_GZ.items():  # every archive gunzipped, the leaderboard queries included
         assert (doc / name).read_text() == text
         assert not (doc / f"{name}.gz").exists()
-    assert (doc / "2019qrels-docs.txt").read_text() == TREC["2019qrels-docs.txt"]
     assert not (passage / "collectionandqueries.tar.gz").exists()
     assert not list(out.rglob("*.part")) and not list(out.rglob("*.tmp"))
 

@@ -9,12 +9,13 @@ import pytest
 # The pipeline, lowest layer first (README "Code layout").
 LAYERS = [
     ["io_utils", "cli_types"],
-    ["preprocess"],
+    ["beir_input", "preprocess"],
     ["run_file", "dataset"],
     ["model", "losses"],
     ["embedding_memmap", "exact_search", "corpus_encoding", "training_index", "retrieve_utils"],
     ["optim_utils", "batch_plan", "checkpoint_paths", "dist_utils", "checkpoint_utils", "train_utils"],
-    ["sample_data", "star.prepare_hardneg", "star.train", "star.inference", "adore.train", "adore.inference"],
+    ["sample_data", "star.prepare_hardneg", "star.train", "star.inference", "adore.train", "adore.inference",
+     "export_sentence_transformers"],
     ["msmarco_eval", "cvt_back", "results_table"],
 ]
 LAYER = {module: level for level, modules in enumerate(LAYERS) for module in modules}

@@ -233,6 +233,19 @@ def test_bert_wordpiece_tokenizer_uses_its_own_special_tokens(bert):
     assert faithful.encode(["hello [SEP] world"], 16) == [[2, 5, 3, 6, 3]]  # in-text special token
 
 
+def test_only_the_roberta_emulation_and_lower_casing_tokenizers_are_lower_cased(roberta, bert, tmp_path):
+    from transformers import BertTokenizer
+
+    cased_ids = {**BERT_IDS, "Hello": len(BERT_IDS), "World": len(BERT_IDS) + 1}
+    BertTokenizer(vocab=cased_ids, do_lower_case=False).save_pretrained(str(tmp_path))
+    cased = preprocess.load_tokenizer(tmp_path)
+    assert not preprocess.Faithful28Tokenizer(cased).lower_case
+    assert preprocess.Faithful28Tokenizer(bert).lower_case  # uncased BERT: lower-cases itself
+    assert preprocess.Faithful28Tokenizer(roberta).lower_case  # the 2.8 do_lower_case=True emulation
+    assert preprocess.encode_texts(cased, ["Hello World", "hello world", "The cat"], 8) == [
+        [2, cased_ids["Hello"], cased_ids["World"], 3], [2, 5, 6, 3], [2, 1, 8, 3]]
+
+
 def test_encode_limits(roberta):
     assert preprocess.encode_texts(roberta, ["hello world"], 2) == [[0, 2]]
     assert preprocess.encode_texts(roberta, [], 64) == []
@@ -552,3 +565,54 @@ def test_real_doc_files_via_the_script(tmp_path, shared_dir, roberta, roberta_di
     assert len(in_golden) > 30 and all(row == ids_ for row, ids_ in in_golden)
     assert mapped_back(out, "dev") == official(dev_qrels, preprocess.DOC)
     assert mapped_back(out, "test") == official(test_qrels, preprocess.DOC)
+
+
+@pytest.mark.parametrize("data_type", [preprocess.PASSAGE, preprocess.DOC])
+def test_real_dl20_files_give_the_test2020_split_and_are_skipped_when_absent(tmp_path, shared_dir, roberta, caplog,
+                                                                              data_type):
+    """TREC DL 2020 (the passage and doc tasks share its queries): the test2020 split keeps the judged queries in
+    query-file order and every graded qrels line; without the DL20 files it is skipped and the other outputs are
+    byte for byte those of the run with them."""
+    task = "pass" if data_type == preprocess.PASSAGE else "docs"
+    evals = shared_dir / "data" / ("msmarco-passage-eval" if data_type == preprocess.PASSAGE else "msmarco-doc-eval")
+    queries = shared_dir / "data" / "msmarco-passage-eval"
+
+    def first_judged(path, n):  # every qrels line of the first n judged queries
+        qids = list(dict.fromkeys(line.split()[0] for line in qrels_lines(path)))[:n]
+        return qrels_lines(path, lambda i, f: f[0] in qids)
+
+    dl19, dl20 = first_judged(evals / f"2019qrels-{task}.txt", 2), first_judged(evals / f"2020qrels-{task}.txt", 4)
+    ids = sorted({line.split()[2] for line in dl19 + dl20})
+    texts = [text for _, text in subset_passages(shared_dir)]
+    if data_type == preprocess.PASSAGE:
+        collection = {"collection.tsv": "".join(f"{d}\t{texts[i]}\n" for i, d in enumerate(ids))}
+    else:
+        collection = {"msmarco-docs.tsv": "".join(f"{d}\turl\ttitle\t{texts[i]}\n" for i, d in enumerate(ids))}
+    files = {name: text.encode() for name, text in collection.items()}
+    files.update({
+        "msmarco-test2019-queries.tsv": (queries / "msmarco-test2019-queries.tsv").read_bytes(),
+        f"2019qrels-{task}.txt": "\n".join(dl19).encode() + b"\n",
+        "msmarco-test2020-queries.tsv": (queries / "msmarco-test2020-queries.tsv").read_bytes(),  # CRLF, 200
+        f"2020qrels-{task}.txt": "\n".join(dl20).encode() + b"\n",  # `qid 0 id grade`, grades 0-3
+    })
+    out = tmp_path / "with" / "preprocess"
+    counts = preprocess.preprocess(write_files(tmp_path / "with" / "dataset", files), out, data_type, roberta,
+                                   max_seq_length=16, max_query_length=16)
+    assert counts == {"passages": len(ids), "test": 2, "test2020": 4}
+    lines = (queries / "msmarco-test2020-queries.tsv").read_text().splitlines()
+    judged = {q for q, _, _ in official(dl20, data_type)}
+    _, _, qids = read_matrix(out, "test2020-query")
+    assert qids.tolist() == [int(line.split("\t")[0]) for line in lines if int(line.split("\t")[0]) in judged]
+    assert mapped_back(out, "test2020") == official(dl20, data_type)
+    assert {g for _, _, g in mapped_back(out, "test2020")} == {"0", "1", "2", "3"}
+
+    del files["msmarco-test2020-queries.tsv"], files[f"2020qrels-{task}.txt"]
+    without = tmp_path / "without" / "preprocess"
+    with caplog.at_level(logging.WARNING):
+        counts = preprocess.preprocess(write_files(tmp_path / "without" / "dataset", files), without, data_type,
+                                       roberta, max_seq_length=16, max_query_length=16)
+    assert counts == {"passages": len(ids), "test": 2}
+    assert "skipping split 'test2020'" in caplog.text
+    names = preprocess.output_names([("test", True)])
+    assert sorted(p.name for p in without.iterdir()) == sorted(names)
+    assert all((without / name).read_bytes() == (out / name).read_bytes() for name in names)
