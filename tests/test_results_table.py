@@ -38,7 +38,7 @@ def run(root: Path, capsys) -> tuple[list[str], dict]:
     result = results_table.main(["--root", str(root), "--task", "passage"])
     printed = capsys.readouterr().out
     text = (root / "results" / "results.md").read_text()
-    assert printed.startswith(text)
+    assert text in printed  # after the note that the plot is skipped, where matplotlib is not installed
     assert json.loads((root / "results" / "results.json").read_text())["metrics"] == result["metrics"]
     table, comparisons = text.split("\n\n")
     assert comparisons == "- STAR vs Inbatch-Neg: at least as good on every metric\n"
