@@ -11,6 +11,7 @@ The ranges:
 * worker counts, warm-up steps, margins: :data:`non_negative_int` (>= 0);
 * seeds: :data:`seed` (0 .. 2**32 - 1, the range numpy's global ``np.random.seed`` accepts);
 * rates and budgets: :data:`positive_float` / :data:`non_negative_float` (finite);
+* lengths of token rows, cls and sep included: :data:`token_length` (2 .. :data:`MAX_TOKENS`);
 * Adam/Lamb betas: :data:`beta` (``[0, 1)``);
 * :func:`int_range` / :func:`float_range` build any other range.
 
@@ -86,6 +87,10 @@ positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 finite_float = float_range()
 beta = float_range(0.0, 1.0, high_open=True)
+# Widest token row (token memmaps are N x width int32, tokenized 2048 rows at a time): the bound where a tokenizer
+# gives no model_max_length of its own.
+MAX_TOKENS = 1 << 16
+token_length = int_range(2, MAX_TOKENS)
 
 
 def at_most_cpus(count: Optional[int], flag: str) -> Optional[int]:

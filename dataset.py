@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from io_utils import InputError, PathLike, iter_lines, parse_int, read_json, require_file
+from preprocess import read_token_meta
 from run_file import iter_run
 
 RelDict = Mapping[int, Sequence[int]]
@@ -66,7 +67,7 @@ class TokenIdsCache:
         self.data_dir = folder
         self.prefix = prefix
         meta_path = require_file(folder / f"{prefix}_meta", "token meta file")
-        self.dtype, n, width = _read_meta(meta_path)
+        self.dtype, n, width = read_token_meta(meta_path)
         self.path = require_file(folder / f"{prefix}.memmap", "token memmap")
         expected = n * width * self.dtype.itemsize
         actual = self.path.stat().st_size
@@ -96,20 +97,6 @@ class TokenIdsCache:
     def __getitem__(self, index: int) -> np.ndarray:
         i = _check_index(index, len(self))
         return np.array(self.ids[i, : self.lengths[i]], dtype=np.int32)
-
-
-def _read_meta(path: Path) -> tuple[np.dtype, int, int]:
-    """Parse a ``{prefix}_meta`` JSON into (dtype, total_number, embedding_size)."""
-    meta = read_json(path, "token meta file")
-    try:
-        dtype = np.dtype(meta["type"])
-        n, width = int(meta["total_number"]), int(meta["embedding_size"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise InputError(f"not a token meta file with type/total_number/embedding_size ({e})", path=path) from None
-    if dtype.kind not in "iu" or n < 0 or width < 1:
-        raise InputError("meta needs an integer type, total_number >= 0 and embedding_size >= 1", path=path,
-                         value=meta)
-    return dtype, n, width
 
 
 def _read_lengths(path: Path, n: int, width: int) -> np.ndarray:

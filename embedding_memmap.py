@@ -26,6 +26,7 @@ from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 import numpy as np
 
 from io_utils import InputError, PathLike, read_json, require_file
+from preprocess import read_token_meta
 
 MANIFEST_FORMAT = "star-adore-embeddings/1"
 
@@ -60,16 +61,13 @@ class CorpusRows(NamedTuple):
 
 
 def corpus_rows(preprocess_dir: PathLike) -> Optional[CorpusRows]:
-    """The ``total_number`` of ``{preprocess_dir}/passages_meta`` (``preprocess.py``; format in ``dataset.py``), or
+    """The ``total_number`` of ``{preprocess_dir}/passages_meta`` (:func:`preprocess.read_token_meta`), or
     None when the folder has no ``passages_meta`` (e.g. one holding only queries).  A meta file without a count
     >= 0 raises :class:`InputError`."""
     meta = Path(preprocess_dir) / "passages_meta"
     if not meta.is_file():
         return None
-    count = read_json(meta, "token meta file").get("total_number")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise InputError("token meta file lacks a total_number >= 0", path=meta, value=count)
-    return CorpusRows(count, meta)
+    return CorpusRows(read_token_meta(meta).total_number, meta)
 
 
 def open_embeddings(path: PathLike, dim: Optional[int] = None, check_finite: bool = False,

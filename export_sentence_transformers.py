@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_dir", required=True, help="the encoder folder (config.json + model.safetensors)")
     parser.add_argument("--output_dir", required=True, help="the sentence-transformers folder to write")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder, when the model folder carries no tokenizer")
-    parser.add_argument("--max_seq_length", type=ct.int_range(2, 1 << 16), default=512,
+    parser.add_argument("--max_seq_length", type=ct.token_length, default=512,
                         help="the Transformer module's max_seq_length (tokens, cls and sep included)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     return parser

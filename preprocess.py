@@ -64,7 +64,8 @@ from tqdm import tqdm
 
 import beir_input
 import cli_types as ct
-from io_utils import InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing, require_file, run_cli
+from io_utils import (InputError, PathLike, atomic_output, iter_lines, parse_int, read_json, refuse_existing,
+                      require_file, run_cli)
 
 log = logging.getLogger("preprocess")
 
@@ -92,10 +93,6 @@ SPLIT_NAMES = tuple(dict.fromkeys(name for splits in SPLITS.values() for name in
 DOC_FIELD_SEP = "<sep>"  # a literal string, tokenized like any text (not a special token)
 BATCH_SIZE = 2048
 CHARS_PER_TOKEN = 12  # prefix shortcut: tokenize ~this many characters per needed token first
-# Widest token row stored (the memmaps are N x width int32, tokenized 2048 rows at a time): the bound when the
-# tokenizer gives no model_max_length; a tokenizer's own model_max_length caps it further (fit_model_length).
-MAX_STORED_TOKENS = 1 << 16
-stored_tokens = ct.int_range(2, MAX_STORED_TOKENS)  # type of the length flags: room for cls and sep
 
 T = TypeVar("T")
 
@@ -516,6 +513,30 @@ class OutputStage:
             pickle.dump(_IdDictPickle(ids), f, protocol=4)
 
 
+class TokenMeta(NamedTuple):
+    """A ``{prefix}_meta`` file: the memmap's integer ``dtype``, ``total_number`` rows, ``embedding_size`` wide."""
+    dtype: np.dtype
+    total_number: int
+    embedding_size: int
+
+
+def read_token_meta(path: PathLike) -> TokenMeta:
+    """Read a ``{prefix}_meta`` file written by :func:`write_token_matrix`; a field missing or out of range raises
+    :class:`InputError` naming the file and the field."""
+    meta = read_json(path, "token meta file")
+    try:
+        dtype = np.dtype(meta.get("type"))
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "iu":
+        raise InputError("token meta file lacks an integer type", path=path, value=meta.get("type"))
+    counts = [meta.get(key) for key in ("total_number", "embedding_size")]
+    for key, value, least in zip(("total_number", "embedding_size"), counts, (0, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InputError(f"token meta file lacks a {key} >= {least}", path=path, value=value)
+    return TokenMeta(dtype, *counts)
+
+
 def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n: int, width: int,
                        faithful: Faithful28Tokenizer, batch_size: int, desc: str,
                        source: Optional[PathLike] = None) -> np.ndarray:
@@ -683,10 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name_or_path", default="roberta-base",
                    help="LOCAL tokenizer folder (e.g. roberta-base's vocab.json + merges.txt); nothing is "
                         "downloaded, so pass a folder path (default: a folder named 'roberta-base')")
-    p.add_argument("--max_seq_length", type=stored_tokens, default=512,
+    p.add_argument("--max_seq_length", type=ct.token_length, default=512,
                    help="stored tokens per passage/document, including <s> and </s>, at most the tokenizer's "
                         "model_max_length (default 512)")
-    p.add_argument("--max_query_length", type=stored_tokens, default=64,
+    p.add_argument("--max_query_length", type=ct.token_length, default=64,
                    help="stored tokens per query, at most the tokenizer's model_max_length (default 64)")
     p.add_argument("--max_doc_character", type=ct.positive_int, default=10000,
                    help="cut passage/document text to this many characters before tokenizing (default 10000)")

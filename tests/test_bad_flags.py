@@ -313,7 +313,7 @@ def test_preprocess_width_is_capped_by_the_tokenizer_model_max_length(tmp_path, 
     config = json.loads((tokenizer / "tokenizer_config.json").read_text())
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 5}))
     data, out = write_files(tmp_path / "dataset", TINY), tmp_path / "out"
-    top = str(preprocess.MAX_STORED_TOKENS)
+    top = str(ct.MAX_TOKENS)
     with caplog.at_level(logging.WARNING, logger="preprocess"):
         preprocess.main(["--model_name_or_path", str(tokenizer), "--data_dir", str(data), "--out_dir", str(out),
                          "--max_seq_length", top, "--max_query_length", top, "--threads", HUGE])

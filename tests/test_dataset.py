@@ -387,3 +387,20 @@ def test_train_query_dataset_and_query_collator(corpus):
     assert rels == [[1, 2, 3], [5, 6]]
     assert tensors["input_ids"].shape == (2, 4)
     assert tensors["attention_mask"].sum(1).tolist() == [len(ds[0]["query_ids"]), len(ds[2]["query_ids"])]
+
+
+@pytest.mark.parametrize("meta, field", [
+    ({"type": "float32", "total_number": 3, "embedding_size": 4}, "integer type"),
+    ({"total_number": 3, "embedding_size": 4}, "integer type"),
+    ({"type": "int32", "total_number": "3", "embedding_size": 4}, "total_number >= 0"),
+    ({"type": "int32", "total_number": -1, "embedding_size": 4}, "total_number >= 0"),
+    ({"type": "int32", "total_number": 3, "embedding_size": 0}, "embedding_size >= 1"),
+    ({"type": "int32", "total_number": 3}, "embedding_size >= 1"),
+])
+def test_token_meta_fields_are_checked_and_named(tmp_path, meta, field):
+    """preprocess.read_token_meta: the one reader of the {prefix}_meta files (token memmaps, corpus_rows)."""
+    write_token_rows(tmp_path, "passages", [[0, 5, 2]] * 3, 4)
+    (tmp_path / "passages_meta").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=f"token meta file lacks an? {field}") as e:
+        TokenIdsCache(tmp_path, "passages")
+    assert e.value.path == str(tmp_path / "passages_meta")
