@@ -32,14 +32,15 @@ def tree_hash(folder: Path, skip_tmp: bool = True) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and not (skip_tmp and ".tmp-" in p.name)}
 
 
-def run_cli(args: list, timeout: int = 120, fsize: Optional[int] = None) -> subprocess.CompletedProcess:
-    """``python ARGS`` from the repository root with one thread and no hub access (a file-size limit of ``fsize``
-    bytes if given); the completed process, whatever its status."""
+def run_cli(args: list, timeout: int = 120, fsize: Optional[int] = None,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` from the repository root with one thread and no hub access, plus the variables ``env`` (a
+    file-size limit of ``fsize`` bytes if given); the completed process, whatever its status."""
     preexec = None
     if fsize is not None:
         preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))  # noqa: E731
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
 
 def assert_one_error(result: subprocess.CompletedProcess, *needles: str) -> str:

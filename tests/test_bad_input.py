@@ -380,10 +380,7 @@ def test_run_cli_refuses_several_torchrun_processes_unless_the_command_splits_it
 def test_commands_started_by_torchrun_refuse_before_any_work(tmp_path, module):
     """The issue's findings: adore.train ran two duplicate copies, star.inference had every rank encode the whole
     corpus into the same memmap."""
-    env = dict(ENV, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    result = subprocess.run([sys.executable, "-m", module, "--output_dir", str(tmp_path / "out")], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "torchrun started 2" in errors[0], result.stderr
+    torchrun = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    result = run_cli(["-m", module, "--output_dir", tmp_path / "out"], timeout=300, env=torchrun)
+    assert_one_error(result, "torchrun started 2")
     assert not (tmp_path / "out").exists()

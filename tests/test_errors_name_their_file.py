@@ -1,9 +1,6 @@
 """Issue #15, class 4: a user error about the content of a file names that file, also where the problem is found
 after the file was read (an empty qrels file, a reference without a relevant grade, a ranking too short, a
 collection that changed while it was read)."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -11,8 +8,8 @@ import msmarco_eval as me
 import preprocess
 import star.prepare_hardneg as ph
 from adore import train as adore_train
-from helpers import (ENV, REPO, TINY, adore_cli_args, make_adore_data, make_star_data, star_cli_args,
-                     write_files)
+from helpers import (TINY, adore_cli_args, assert_one_error, make_adore_data, make_star_data, run_cli,
+                     star_cli_args, write_files)
 from io_utils import InputError
 from star import train as star_train
 
@@ -48,11 +45,8 @@ def test_adore_train_names_an_empty_qrels_file(tmp_path):
 def test_empty_qrels_through_the_cli_is_one_error_line_naming_the_file(star_data, tmp_path):
     qrels = empty_qrels(star_data["pre"])
     args = star_cli_args(star_data, tmp_path / "out", "inbatch", "--max_steps", "1")
-    result = subprocess.run([sys.executable, "-m", "star.train", *args], cwd=REPO, env=ENV, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {qrels}: no training query has a positive in the qrels (empty qrels file?)"]
+    error = assert_one_error(run_cli(["-m", "star.train", *args], timeout=300))
+    assert error == f"error: {qrels}: no training query has a positive in the qrels (empty qrels file?)"
 
 
 def test_msmarco_eval_names_the_reference_without_a_relevant_grade(tmp_path):
