@@ -5,12 +5,16 @@ resumed run reads exactly what an uninterrupted one would have.
 * :class:`Progress` — where a run stands (epoch, step in it, global step).
 * :class:`GlobalBatchSampler` — a deterministic, resumable batch sampler that splits every *global* batch across
   DDP ranks (rank r gets the r-th contiguous slice of it); the order depends only on (seed, epoch).
+* :class:`BackgroundIterator` — reads the next batches in a thread while the current step runs (same batches,
+  same order).
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -142,3 +146,76 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+class BackgroundIterator:
+    """``iterator``'s items, read up to ``depth`` ahead by one background thread: the same items in the same order
+    (one thread calls ``next``, so a stateful collator sees the calls it would see in the main thread), while the
+    main thread runs the step — on a GPU while it waits for the device (fp16's GradScaler reads its inf check
+    every step), on a CPU while torch's kernels release the GIL.  The iterator must not use the global torch RNG
+    (the training datasets draw from their own seeded generators).
+
+    An exception raised by ``iterator`` is raised by the ``next`` call that reaches it.  :meth:`close` (also on
+    garbage collection, and at the end) stops the thread after the item it is reading; items read ahead are
+    dropped.  Where CUDA is initialised, the thread works on the caller's current CUDA device (as the DataLoader's
+    pin-memory thread: pinning from a thread on device 0 would open a context there on every DDP rank).
+    """
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Any], depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+        self._thread = threading.Thread(target=self._fill, args=(iterator, cuda_device), name="batch-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple[Any, Any]) -> bool:
+        """Queue ``entry`` unless :meth:`close` is called meanwhile; True if queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, iterator: Iterator[Any], cuda_device: Optional[int]) -> None:
+        try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as error:  # noqa: BLE001 — handed to the consumer
+            self._put((self._END, error))
+
+    def __iter__(self) -> "BackgroundIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item, error = self._queue.get()
+        if item is self._END:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (waiting for the item it is reading) and drop what it read ahead."""
+        self._done = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.close()

@@ -1,55 +1,63 @@
 """Corpus encoding: a dense encoder turned into an embedding memmap (``embedding_memmap`` describes the file and
-its manifest), resumably, in length-sorted batches; plus the pieces of the inference drivers that load an
-encoder and encode a preprocessed split (``star/inference.py``, ``adore/inference.py``,
-``star/prepare_hardneg.py``).
+its manifest), resumably, in the length-sorted batches of :mod:`encoding_plan`, in one process or as shards that
+are assembled into the same file (:func:`encode_to_memmap`).
 
 An existing memmap is reused only when its manifest's identity (model, max length, rows, dim, dtype, precision,
-encoding order: :data:`IDENTITY_FIELDS`) equals the current run's (:func:`encode_to_memmap`).
+encoding order: :data:`IDENTITY_FIELDS`) equals the current run's.
 """
 from __future__ import annotations
 
-import argparse
+import glob
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-import cli_types as ct
-from exact_search import add_search_args  # faiss before torch (JPQ PR #2: the other order failed on some machines)
-
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dataset import SequenceCollator, SequenceDataset, TokenIdsCache
-from embedding_memmap import MANIFEST_FORMAT, manifest_mismatch, manifest_path, read_manifest
-from io_utils import InputError, PathLike, atomic_write_json
-from model import DenseEncoder, model_identity
+from dataset import SequenceDataset
+from embedding_memmap import MANIFEST_FORMAT, iter_row_blocks, manifest_mismatch, manifest_path, read_manifest
+from encoding_plan import batch_bounds, encoding_order, flush_points, shard_positions
+from io_utils import InputError, PathLike, atomic_output, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("model_id", "max_length", "n_rows", "dim", "dtype", "precision", "order_hash")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BLOCK_TARGET_ROWS = 4096          # rows per resumable encoding block (rounded to whole batches)
+TOKEN_BATCHING_BLOCK_ROWS = 65536  # the same with a token budget (batches of thousands of rows on a GPU)
+MAX_ASSEMBLY_BLOCK_BYTES = 1 << 28  # shard rows read at a time when assembling shards
 
 
 def encode_to_memmap(model: torch.nn.Module, dataset: SequenceDataset, out_path: PathLike, batch_size: int,
                      device: torch.device | str, pad_token_id: int, model_id: str, amp: Optional[str] = None,
                      resume: bool = True, overwrite: bool = False, block_rows: Optional[int] = None,
-                     num_workers: int = 0, desc: str = "encode", unit: str = "passage") -> np.memmap:
+                     num_workers: int = 0, desc: str = "encode", unit: str = "passage",
+                     batch_tokens: Optional[int] = None, shard: Optional[tuple[int, int]] = None
+                     ) -> Optional[np.memmap]:
     """Encode every item of ``dataset`` into a float32 memmap ``[len(dataset.cache), dim]`` at ``out_path``
     (row = offset; rows of offsets not in the dataset stay 0) and return it opened read-only.
 
-    Batches hold items of similar length: items are sorted longest first and each batch is padded only to its
-    own longest item (``pad_token_id``, attention 0), so little compute goes to padding.  ``batch_size`` is per
-    device: on ``cuda``/``cuda:0`` every visible GPU is used (DataParallel) with ``batch_size × n_gpus`` rows
-    per batch.
+    Batches follow :mod:`encoding_plan`: items longest first, each batch padded only to its own longest item
+    (``pad_token_id``, attention 0), of ``batch_size`` rows or, with ``batch_tokens``, of at most that many
+    padded tokens.  Both are per device: on ``cuda``/``cuda:0`` every visible GPU is used (DataParallel) with
+    ``n_gpus`` times as much per batch.  On CUDA each batch's embeddings are copied to the host while the next
+    batch runs (no host sync per batch).
     ``amp`` "fp16"/"bf16" turns on autocast on CUDA (ignored, with a warning, on CPU); fp32 by default.
 
-    Existing file at ``out_path``:
+    ``shard=(s, n)``: encode only shard ``s`` of ``n`` (:mod:`encoding_plan`: whole batches of the one-process
+    plan, balanced by tokens; one device) into its own file :func:`shard_path` (rows in encoding order, its own
+    manifest, resumable like the whole file) and return None.  A call without ``shard`` finding no complete
+    ``out_path`` but a complete set of shards with this run's identity assembles them into ``out_path`` (the
+    bytes one process would have written) and deletes them.
+
+    Existing file at ``out_path`` (or at the shard's path):
       * manifest identity equal to this run and ``resume``: a complete file is returned as is, an incomplete
         one continues at its last finished block;
       * otherwise (other model / max length / N / dim / precision / data, no manifest, ``resume=False``):
@@ -60,20 +68,144 @@ def encode_to_memmap(model: torch.nn.Module, dataset: SequenceDataset, out_path:
     n_rows = len(dataset.cache)
     if len(dataset) == 0:
         raise InputError("nothing to encode: the dataset is empty", path=dataset.cache.path)
-    order = np.argsort(-dataset.lengths.astype(np.int64), kind="stable")  # longest first, ties in dataset order
+    order = encoding_order(dataset.lengths)
     identity = {"model_id": model_id, "max_length": int(dataset.max_seq_length), "n_rows": n_rows,
                 "dim": int(_unwrap(model).output_dim), "dtype": "float32", "precision": precision,
                 "order_hash": _order_hash(dataset, order)}
-    rows_per_batch = batch_size * _n_devices(device)
+    n_devices = 1 if shard is not None else _n_devices(device)
+    batching = _Batching(batch_size * n_devices, None if not batch_tokens else batch_tokens * n_devices)
+    sorted_lengths = dataset.lengths[order]
+    path = Path(out_path)
+    if shard is None:
+        shards = _complete_shards(path, identity, overwrite)
+        if shards:
+            return _assemble_shards(path, identity, shards, dataset.offsets[order])
+        first, end = 0, len(order)
+    else:
+        if _is_complete(path, identity):
+            logger.info("%s: already complete, shard %d of %d has nothing to encode", path, *shard)
+            return None
+        problem = _stale_reason(path, read_manifest(path), identity) if path.exists() and not overwrite else None
+        if problem is not None:  # the assembly would replace it: refused as one process refuses
+            raise _reuse_refused(path, problem)
+        first, end = shard_positions(batching.bounds(sorted_lengths, 0), sorted_lengths, *shard)
+        identity = {"shard": list(shard), "batching": batching.describe(), "order_range": [first, end],
+                    **identity, "n_rows": end - first, "corpus_rows": n_rows}
+        path = shard_path(path, *shard)
     if block_rows is None:
-        block_rows = rows_per_batch * max(1, BLOCK_TARGET_ROWS // rows_per_batch)
-    manifest = _open_or_start(Path(out_path), identity, block_rows, resume, overwrite)
+        block_rows = batching.default_block_rows()
+    manifest = _open_or_start(path, identity, block_rows, resume, overwrite)
     if not manifest["complete"]:
-        embeddings = np.memmap(out_path, dtype=np.float32, mode="r+", shape=(n_rows, identity["dim"]))
-        _encode_blocks(_EncodeJob(model, dataset, order, embeddings, manifest, Path(out_path), rows_per_batch,
-                                  device, pad_token_id, precision, num_workers, desc, unit))
+        embeddings = np.memmap(path, dtype=np.float32, mode="r+", shape=(identity["n_rows"], identity["dim"]))
+        bounds = batching.bounds(sorted_lengths[:end], first + manifest["completed_rows"])
+        _encode_blocks(_EncodeJob(model, dataset, order, embeddings, manifest, path, bounds, first, end,
+                                  shard is None, device, pad_token_id, precision, num_workers, desc, unit))
         del embeddings
-    return np.memmap(out_path, dtype=np.float32, mode="r", shape=(n_rows, identity["dim"]))
+    if shard is not None:
+        return None
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, identity["dim"]))
+
+
+@dataclass(frozen=True)
+class _Batching:
+    """How batches are cut (:mod:`encoding_plan`): ``rows`` a batch, or at most ``tokens`` padded tokens."""
+    rows: int
+    tokens: Optional[int]
+
+    def bounds(self, sorted_lengths: np.ndarray, start: int) -> np.ndarray:
+        return batch_bounds(sorted_lengths, start, self.rows, self.tokens)
+
+    def describe(self) -> str:
+        return f"rows:{self.rows}" if self.tokens is None else f"tokens:{self.tokens}"
+
+    def default_block_rows(self) -> int:
+        if self.tokens is not None:
+            return TOKEN_BATCHING_BLOCK_ROWS
+        return self.rows * max(1, BLOCK_TARGET_ROWS // self.rows)
+
+
+def shard_path(out_path: PathLike, shard: int, num_shards: int) -> Path:
+    """``<out_path>.shard-<s>-of-<n>``: the embedding file of one shard (:func:`encode_to_memmap`)."""
+    return Path(f"{out_path}.shard-{shard}-of-{num_shards}")
+
+
+def _is_complete(path: Path, identity: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        manifest = read_manifest(path)
+    except InputError:
+        return False
+    return manifest is not None and manifest["complete"] and _stale_reason(path, manifest, identity) is None
+
+
+def _complete_shards(path: Path, identity: dict, overwrite: bool) -> Optional[list[tuple[Path, dict]]]:
+    """The shard files and manifests of ``path`` to assemble: a complete set with ``identity``, when ``path``
+    itself is not complete.  None when there are no shards (or ``path`` is complete or ``overwrite``); an
+    incomplete or foreign set raises :class:`InputError` (they are a run's work: never silently redone)."""
+    if overwrite or _is_complete(path, identity):
+        return None
+    found = {}
+    for candidate in path.parent.glob(f"{glob.escape(path.name)}.shard-*-of-*"):
+        match = re.fullmatch(re.escape(path.name) + r"\.shard-(\d+)-of-(\d+)", candidate.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = candidate
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InputError(f"shards of several splits lie beside it ({', '.join(f'of-{n}' for n in sorted(found))}): "
+                         f"remove the ones not wanted", path=path)
+    (num_shards, files), = found.items()
+    problems, shards = [], []
+    for shard in range(num_shards):
+        file = files.get(shard, shard_path(path, shard, num_shards))
+        manifest = read_manifest(file) if file.is_file() else None
+        whole = None if manifest is None else {k: manifest.get(k if k != "n_rows" else "corpus_rows")
+                                                for k in identity}
+        if manifest is None or not manifest["complete"]:
+            problems.append(f"shard {shard} is {'missing' if manifest is None else 'incomplete'}")
+        elif whole != identity:
+            problems.append(f"shard {shard} was encoded with other settings")
+        else:
+            shards.append((file, manifest))
+    if problems:
+        raise InputError(f"cannot assemble its {num_shards} shards: {'; '.join(problems)} (finish them with "
+                         f"--shard_id K --num_shards {num_shards}, or pass --overwrite to encode in one process)",
+                         path=path)
+    return shards
+
+
+def _assemble_shards(path: Path, identity: dict, shards: list[tuple[Path, dict]],
+                     offsets_in_order: np.ndarray) -> np.memmap:
+    """Write the complete file ``path`` (row = offset) from ``shards``, then delete them.  The data is written
+    under a temporary name and renamed last, after the complete manifest: an interrupted assembly leaves the
+    shards and is redone by the next run."""
+    n_rows, dim = identity["n_rows"], identity["dim"]
+    ranges = sorted(tuple(m["order_range"]) for _, m in shards)
+    if ranges[0][0] != 0 or ranges[-1][1] != len(offsets_in_order) or any(
+            a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        raise InputError(f"its shards do not cover the encoding order exactly: {ranges}", path=path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.truncate(n_rows * dim * 4)
+        out = np.memmap(tmp, dtype=np.float32, mode="r+", shape=(n_rows, dim))
+        for file, manifest in tqdm(shards, desc=f"assemble {path.name}", unit="shard", disable=None):
+            if manifest["n_rows"] == 0:  # more shards than batches
+                continue
+            first = manifest["order_range"][0]
+            rows = np.memmap(file, dtype=np.float32, mode="r", shape=(manifest["n_rows"], dim))
+            for start, block in iter_row_blocks(rows, max(1, MAX_ASSEMBLY_BLOCK_BYTES // (dim * 4))):
+                out[offsets_in_order[first + start:first + start + len(block)]] = block
+        out.flush()
+        del out
+        atomic_write_json(manifest_path(path), {"format": MANIFEST_FORMAT, **identity,
+                                                "block_rows": max(m["block_rows"] for _, m in shards),
+                                                "completed_rows": n_rows, "complete": True})
+    for file, _ in shards:
+        file.unlink()
+        manifest_path(file).unlink(missing_ok=True)
+    logger.info("%s: assembled from %d shards", path, len(shards))
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, dim))
 
 
 def _effective_precision(amp: Optional[str], device: torch.device) -> str:
@@ -111,11 +243,15 @@ def _stale_reason(path: Path, manifest: Optional[dict], identity: dict) -> Optio
     if manifest is None:
         return f"it has no manifest ({manifest_path(path).name}), so the model and settings it was encoded " \
                f"with are unknown"
-    for key in IDENTITY_FIELDS:
+    for key in identity:
         if manifest.get(key) != identity[key]:
             return f"it was encoded with {key}={manifest.get(key)!r}, this run has {key}={identity[key]!r}"
     problem = manifest_mismatch(path.stat().st_size, manifest)  # e.g. replaced, truncated or float64
     return None if problem is None else f"the file {problem}"
+
+
+def _reuse_refused(path: Path, problem: str) -> InputError:
+    return InputError(f"existing embeddings cannot be reused: {problem}; pass --overwrite to re-encode", path=path)
 
 
 def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, overwrite: bool) -> dict:
@@ -137,11 +273,10 @@ def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, ov
             return manifest
         problem = problem or "resuming was not requested"
         if not overwrite:
-            raise InputError(f"existing embeddings cannot be reused: {problem}; pass --overwrite to re-encode",
-                             path=path)
+            raise _reuse_refused(path, problem)
         logger.warning("%s: re-encoding from scratch (%s)", path, problem)
     manifest = {"format": MANIFEST_FORMAT, **identity, "block_rows": int(block_rows), "completed_rows": 0,
-                "complete": False}
+                "complete": identity["n_rows"] == 0}
     # The manifest first: a crash before the file exists leaves a manifest that a new run simply replaces.
     atomic_write_json(manifest_path(path), manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +294,10 @@ class _EncodeJob:
     embeddings: np.memmap         # opened r+
     manifest: dict
     path: Path
-    rows_per_batch: int
+    bounds: np.ndarray            # [n_batches, 2] positions in ``order`` of the batches still to encode
+    first: int                    # positions ``[first, end)`` of ``order`` are the file's rows
+    end: int
+    rows_are_offsets: bool        # True: row = offset (the whole file); False: row = position - first (a shard)
     device: torch.device
     pad_token_id: int
     precision: str
@@ -168,53 +306,111 @@ class _EncodeJob:
     unit: str
 
 
-class _BlockBatches:
-    """Batch sampler over ``order[start:]``: whole blocks of ``block_rows``, each cut into batches of
-    ``batch_rows`` (a batch never straddles a block, so resumed runs form exactly the same batches)."""
+class _PlannedBatches(Sampler):
+    """Yields the dataset indices of each planned batch."""
 
-    def __init__(self, order: np.ndarray, start: int, block_rows: int, batch_rows: int):
-        self.bounds = [(s, min(s + batch_rows, b + block_rows, len(order)))
-                       for b in range(start, len(order), block_rows)
-                       for s in range(b, min(b + block_rows, len(order)), batch_rows)]
-        self.order = order
+    def __init__(self, order: np.ndarray, bounds: np.ndarray):
+        self.order, self.bounds = order, bounds
 
     def __len__(self) -> int:
         return len(self.bounds)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for s, e in self.bounds:
+        for s, e in self.bounds.tolist():
             yield self.order[s:e]
 
 
+class _BatchReader(Dataset):
+    """Whole batches of a :class:`SequenceDataset`, each read and padded at once
+    (:meth:`SequenceDataset.padded_batch`)."""
+
+    def __init__(self, dataset: SequenceDataset, pad_token_id: int):
+        self.dataset, self.pad_token_id = dataset, pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        return self.dataset.padded_batch(indices, self.pad_token_id)
+
+
+@dataclass
+class _Launched:
+    """A batch whose embeddings are on their way to the host (``ready`` is recorded after the copy on CUDA)."""
+    vectors: torch.Tensor
+    ready: Optional[torch.cuda.Event]
+    ids: list
+    bounds: tuple[int, int]
+    flush: bool
+
+
 def _encode_blocks(job: _EncodeJob) -> None:
-    """Encode the unfinished blocks of ``job``; flush + update the manifest after each block."""
-    manifest, total = job.manifest, len(job.order)
-    done = manifest["completed_rows"]
-    block_rows = manifest["block_rows"]
-    sampler = _BlockBatches(job.order, done, block_rows, job.rows_per_batch)
-    collator = SequenceCollator(job.dataset.max_seq_length, job.pad_token_id, padding=False, full_pad_batches=0)
-    loader = DataLoader(job.dataset, batch_sampler=sampler, collate_fn=collator, num_workers=job.num_workers,
-                        pin_memory=job.device.type == "cuda")
-    runner, was_training = _prepare_model(job.model, job.device)
+    """Encode the batches of ``job``; flush + update the manifest after each block.  Each batch is launched
+    before the previous one is stored, so on CUDA the device computes while the host writes."""
+    manifest = job.manifest
+    total, done = job.end - job.first, manifest["completed_rows"]
+    flushes = flush_points(job.bounds, manifest["block_rows"])
+    loader = DataLoader(_BatchReader(job.dataset, job.pad_token_id), sampler=_PlannedBatches(job.order, job.bounds),
+                        batch_size=None, num_workers=job.num_workers, pin_memory=job.device.type == "cuda")
+    runner, was_training = _prepare_model(job.model, job.device, job.rows_are_offsets)
     # DataParallel replicates modules with autograd-aware broadcasts; plain no_grad is the safe mode there.
     grad_off = torch.no_grad() if isinstance(runner, torch.nn.DataParallel) else torch.inference_mode()
-    next_flush = min(done + block_rows, total)
+    buffers = _HostBuffers(job)
+    pending: Optional[_Launched] = None
     try:
         with grad_off, tqdm(total=total, initial=done, desc=job.desc, unit=job.unit, unit_scale=True,
                             dynamic_ncols=True, disable=None) as bar:
-            for inputs, ids in loader:
-                vectors = _forward(runner, inputs, job)
-                _refuse_non_finite(vectors, ids, job)
-                job.embeddings[np.asarray(ids, dtype=np.int64)] = vectors
-                done += len(ids)
-                bar.update(len(ids))
-                if done == next_flush:
-                    job.embeddings.flush()  # rows on disk before the manifest says so
-                    manifest.update(completed_rows=done, complete=done == total)
-                    atomic_write_json(manifest_path(job.path), manifest)
-                    next_flush = min(done + block_rows, total)
+            for i, ((inputs, ids), bounds) in enumerate(zip(loader, job.bounds.tolist())):
+                launched = _Launched(*buffers.launch(_forward(runner, inputs, job), i), ids, tuple(bounds),
+                                     bool(flushes[i]))
+                if pending is not None:
+                    _store(pending, job, bar)
+                pending = launched
+            if pending is not None:
+                _store(pending, job, bar)
     finally:
         _unwrap(runner).train(was_training)
+
+
+class _HostBuffers:
+    """Two pinned host buffers the batches' embeddings are copied into, alternately, without waiting (CUDA);
+    on the CPU the embeddings are used as they are."""
+
+    def __init__(self, job: _EncodeJob):
+        self.cuda = job.device.type == "cuda"
+        self.buffers: list[torch.Tensor] = []
+        if self.cuda and len(job.bounds):
+            rows = int((job.bounds[:, 1] - job.bounds[:, 0]).max())
+            dim = job.embeddings.shape[1]
+            self.buffers = [torch.empty((rows, dim), dtype=torch.float32, pin_memory=True) for _ in range(2)]
+
+    def launch(self, vectors: torch.Tensor, batch: int) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        if not self.cuda:
+            return vectors, None
+        host = self.buffers[batch % 2][: len(vectors)]
+        host.copy_(vectors, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+
+def _store(batch: _Launched, job: _EncodeJob, bar: tqdm) -> None:
+    """Wait for ``batch``'s embeddings, check them, write its rows; after a block's last batch flush the file and
+    then record the progress in the manifest."""
+    if batch.ready is not None:
+        batch.ready.synchronize()
+    vectors = batch.vectors.numpy()
+    _refuse_non_finite(vectors, batch.ids, job)
+    first, end = batch.bounds
+    if job.rows_are_offsets:
+        job.embeddings[np.asarray(batch.ids, dtype=np.int64)] = vectors
+    else:
+        job.embeddings[first - job.first:end - job.first] = vectors
+    bar.update(end - first)
+    if batch.flush:
+        job.embeddings.flush()  # rows on disk before the manifest says so
+        job.manifest.update(completed_rows=end - job.first, complete=end == job.end)
+        atomic_write_json(manifest_path(job.path), job.manifest)
 
 
 def _refuse_non_finite(vectors: np.ndarray, ids: Sequence[int], job: _EncodeJob) -> None:
@@ -226,94 +422,21 @@ def _refuse_non_finite(vectors: np.ndarray, ids: Sequence[int], job: _EncodeJob)
                            f"(precision {job.precision}; fp16 overflow? try fp32 or --bf16)")
 
 
-def _prepare_model(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, bool]:
-    """Move ``model`` to ``device`` in eval mode; wrap it in DataParallel when several GPUs are visible."""
+def _prepare_model(model: torch.nn.Module, device: torch.device, parallel: bool) -> tuple[torch.nn.Module, bool]:
+    """Move ``model`` to ``device`` in eval mode; wrap it in DataParallel when ``parallel`` and several GPUs are
+    visible."""
     base = _unwrap(model)
     was_training = base.training
     base.eval().to(device)
-    if _n_devices(device) > 1 and not isinstance(model, torch.nn.DataParallel):
+    if parallel and _n_devices(device) > 1 and not isinstance(model, torch.nn.DataParallel):
         return torch.nn.DataParallel(base), was_training
-    return model, was_training
+    return (model if parallel else base), was_training
 
 
-def _forward(runner: torch.nn.Module, inputs: dict[str, torch.Tensor], job: _EncodeJob) -> np.ndarray:
+def _forward(runner: torch.nn.Module, inputs: dict[str, torch.Tensor], job: _EncodeJob) -> torch.Tensor:
     input_ids = inputs["input_ids"].to(job.device, non_blocking=True)
     attention_mask = inputs["attention_mask"].to(job.device, non_blocking=True)
     amp_on = job.precision != "fp32"
     with torch.autocast(job.device.type, dtype=AMP_DTYPES.get(job.precision), enabled=amp_on):
         vectors = runner(input_ids, attention_mask)
-    return vectors.float().cpu().numpy()
-
-
-def add_encoding_args(parser: argparse.ArgumentParser) -> None:
-    """``--no_cuda``, ``--fp16``/``--bf16`` (dest ``amp``), ``--allow_pickle``, ``--overwrite``."""
-    parser.add_argument("--no_cuda", action="store_true", help="encode on CPU even when CUDA is available")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="amp", action="store_const", const="fp16",
-                           help="fp16 autocast when encoding on CUDA (default fp32, as the original)")
-    precision.add_argument("--bf16", dest="amp", action="store_const", const="bf16",
-                           help="bf16 autocast when encoding on CUDA")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="re-encode embedding memmaps that do not match this run (other model, length, data) "
-                             "and replace an existing rank file; matching memmaps are reused or resumed")
-
-
-def add_inference_args(parser: argparse.ArgumentParser, topk: int) -> None:
-    """The flags every inference driver has: :func:`add_encoding_args` and :func:`exact_search.add_search_args`
-    (``--topk`` defaulting to ``topk``)."""
-    add_encoding_args(parser)
-    add_search_args(parser, topk=topk)
-
-
-def inference_device(no_cuda: bool) -> torch.device:
-    """``cuda`` when available and not disabled, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
-
-
-def load_encoder(model_dir: PathLike, allow_pickle: bool = False) -> tuple[DenseEncoder, str, int]:
-    """``(model, model_id, pad_token_id)`` of a saved encoder; the pad id comes from the config (RoBERTa 1)."""
-    model = DenseEncoder.from_pretrained(model_dir, allow_pickle=allow_pickle)
-    return model, model_identity(model_dir, model), model.pad_token_id
-
-
-def encode_split(model: torch.nn.Module, model_id: str, preprocess_dir: PathLike, prefix: str, max_length: int,
-                 out_path: PathLike, batch_size: int, device: torch.device, pad_token_id: int,
-                 amp: Optional[str] = None, overwrite: bool = False, num_workers: int = 0) -> np.memmap:
-    """Encode the preprocessed ``{prefix}`` token memmap (e.g. ``passages``, ``dev-query``) of ``preprocess_dir``,
-    truncated to ``max_length`` (end-preserving), into ``out_path`` with :func:`encode_to_memmap` (resumable)."""
-    dataset = SequenceDataset(TokenIdsCache(preprocess_dir, prefix), max_length)
-    unit = "query" if prefix.endswith("query") else "passage"
-    return encode_to_memmap(model, dataset, out_path, batch_size, device, pad_token_id, model_id, amp=amp,
-                            resume=True, overwrite=overwrite, num_workers=num_workers, desc=f"encode {prefix}",
-                            unit=unit)
-
-
-def add_query_and_corpus_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """``--max_query_length``, ``--max_doc_length`` and ``--eval_batch_size`` (default ``batch_size``): the flags
-    :func:`encode_queries_and_corpus` reads besides :func:`add_encoding_args`' (the original's defaults)."""
-    parser.add_argument("--max_query_length", type=ct.positive_int, default=32,
-                        help="query truncation in tokens (default %(default)s)")
-    parser.add_argument("--max_doc_length", type=ct.positive_int, default=512,
-                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
-    parser.add_argument("--eval_batch_size", type=ct.positive_int, default=batch_size,
-                        help="encoding batch size per GPU (default %(default)s)")
-
-
-def encode_queries_and_corpus(model_dir: PathLike, preprocess_dir: PathLike, mode: str, output_dir: PathLike,
-                              args: argparse.Namespace) -> tuple[np.memmap, np.memmap]:
-    """Load the encoder of ``model_dir`` and encode the ``{mode}-query`` split and the ``passages`` of
-    ``preprocess_dir`` into ``output_dir/{mode}-query.memmap`` and ``output_dir/passages.memmap`` (resumable,
-    :func:`encode_split`), as star/inference.py and star/prepare_hardneg.py do: the flags of
-    :func:`add_encoding_args` and :func:`add_query_and_corpus_args`.
-    Returns ``(queries, passages)``."""
-    model, model_id, pad = load_encoder(model_dir, allow_pickle=args.allow_pickle)
-    common = dict(batch_size=args.eval_batch_size, device=inference_device(args.no_cuda), pad_token_id=pad,
-                  amp=args.amp, overwrite=args.overwrite)
-    output_dir = Path(output_dir)
-    queries = encode_split(model, model_id, preprocess_dir, f"{mode}-query", args.max_query_length,
-                           output_dir / f"{mode}-query.memmap", **common)
-    passages = encode_split(model, model_id, preprocess_dir, "passages", args.max_doc_length,
-                            output_dir / "passages.memmap", **common)
-    return queries, passages
+    return vectors.float()

@@ -153,6 +153,26 @@ class SequenceDataset(Dataset):
         offset = int(self.offsets[_check_index(index, len(self))])
         return {"input_ids": truncate_keep_end(self.cache[offset], self.max_seq_length).tolist(), "id": offset}
 
+    def padded_batch(self, indices: np.ndarray, pad_token_id: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """The items ``indices`` collated at once, as :class:`SequenceCollator` (``padding=False``,
+        ``full_pad_batches=0``) collates them one by one: ``({"input_ids", "attention_mask"} int64 [B, longest],
+        offsets int64 [B])``, padded with ``pad_token_id`` / 0 to the batch's longest truncated item.  Vectorised:
+        one read of the rows, no Python loop per item (the encoder's batches hold thousands of items)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        offsets = self.offsets[indices]
+        lengths = self.lengths[indices].astype(np.int64)
+        width = int(lengths.max(initial=0))
+        ascending = np.sort(offsets)  # one forward pass over the file
+        rows = np.asarray(self.cache.ids[ascending], dtype=np.int64)[np.searchsorted(ascending, offsets)]
+        stored = self.cache.lengths[offsets].astype(np.int64)
+        input_ids = rows[:, :width].copy()
+        cut = np.flatnonzero(stored > lengths)  # truncate_keep_end: the stored last token ends the sequence
+        input_ids[cut, lengths[cut] - 1] = rows[cut, stored[cut] - 1]
+        mask = np.arange(width) < lengths[:, None]
+        input_ids[~mask] = pad_token_id
+        return ({"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))},
+                offsets)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Qrels, rank files, hard negatives

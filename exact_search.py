@@ -209,20 +209,31 @@ def streamed_search(embeddings: np.ndarray, queries: np.ndarray, k: int, block_r
             for q0 in range(0, len(queries), batch_size):
                 scores, ids = exact_topk(search_block, queries[q0:q0 + batch_size], kk, len(block), len(block))
                 rows = slice(q0, q0 + batch_size)
-                best_scores[rows], best_ids[rows] = _merge_topk(best_scores[rows], best_ids[rows], scores,
-                                                                ids + start, kk)
+                best_scores[rows], best_ids[rows] = merge_topk(
+                    [(best_scores[rows], best_ids[rows]), (scores, ids + start)], kk)
             bar.update(len(block))
     return best_scores, best_ids
 
 
-def _merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of two row-sorted result sets where every id of ``a`` is below every id of ``b`` (earlier blocks):
-    a stable sort by score of ``[a | b]`` then orders equal scores by id."""
-    scores = np.hstack([scores_a, scores_b])
-    ids = np.hstack([ids_a, ids_b])
+def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of several row-sorted result sets of the same queries, in the module's format, where every id of
+    a part is below every id of the next (results over consecutive row ranges: corpus blocks, or the row shards of
+    :func:`shard_rows`): a stable sort by score of the concatenation then orders equal scores by id, so the merge
+    equals one search over all the rows.  Padding (``PAD_SCORE``/``PAD_ID``) sorts last."""
+    scores = np.hstack([p[0] for p in parts])
+    ids = np.hstack([p[1] for p in parts])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def shard_rows(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """``(start, end)``: the rows of ``shard`` (0-based) when ``n`` rows are cut into ``num_shards`` consecutive
+    ranges as even as possible (the first ``n % num_shards`` ranges hold one row more)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
+    size, extra = divmod(n, num_shards)
+    start = shard * size + min(shard, extra)
+    return start, start + size + (shard < extra)
 
 
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, gpus: Optional[Sequence[int]] = None,
@@ -270,18 +281,6 @@ def write_rank_file(path: PathLike, qoffsets: Sequence[int] | np.ndarray, ids: n
             f.write((template * len(values[0])) % tuple(v for row in zip(*values) for v in row))
             lines += len(values[0])
     return lines
-
-
-def rank_queries(docs: np.ndarray, queries: np.ndarray, k: int, rank_path: PathLike,
-                 gpus: Optional[Sequence[int]] = None, mem_gb: Optional[float] = None,
-                 with_scores: bool = False) -> np.ndarray:
-    """The exact top-``k`` documents of every query (query offset = row) written as the rank file ``rank_path``
-    (:func:`exact_search`, then :func:`write_rank_file`, with the scores when ``with_scores``); returns the ids
-    ``int64 [nq, min(k, N)]``."""
-    scores, ids = exact_search(docs, queries, k, gpus=gpus, mem_gb=mem_gb)
-    lines = write_rank_file(rank_path, np.arange(len(queries)), ids, scores if with_scores else None)
-    logger.info("wrote %d lines to %s", lines, rank_path)
-    return ids
 
 
 def add_search_args(parser: argparse.ArgumentParser, topk: int) -> None:

@@ -81,8 +81,8 @@ def export(model_dir: Path, output_dir: Path, max_seq_length: int, tokenizer_dir
     with atomic_directory(output_dir) as tmp:
         for name, content in sorted(tokenizer_files.items()):
             (tmp / name).write_bytes(content)
+        write_backbone(model, tmp)  # its config.json names the tokenizer's model type (roberta-base's files don't)
         lower_case = Faithful28Tokenizer(load_tokenizer(tmp)).lower_case
-        write_backbone(model, tmp)
         _write_json(tmp / "sentence_bert_config.json", {"max_seq_length": max_seq_length,
                                                         "do_lower_case": lower_case})
         _write_json(tmp / "config_sentence_transformers.json",

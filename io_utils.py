@@ -230,8 +230,8 @@ def refuse_torchrun() -> None:
     world_size = env_int("WORLD_SIZE", 1)
     if world_size > 1:
         raise InputError(f"this command runs as one process, but torchrun started {world_size}: each would redo "
-                         f"the whole work and write the same files; run it once without torchrun (only "
-                         f"star/train.py splits its work over torchrun's processes)", value=world_size)
+                         f"the whole work and write the same files; run it once without torchrun (the trainers and the "
+                         f"inference drivers split their work over torchrun's processes)", value=world_size)
 
 
 def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None, torchrun: bool = False) -> None:

@@ -6,6 +6,9 @@ The query embeddings go to ``{output_dir}/{mode}.qembed.memmap`` (float32 ``[Nq,
 not the 768 that the original hard-codes).  The document memmap is checked against that dim, its manifest and
 the passage count of ``--preprocess_dir`` (where it has ``passages_meta``) before anything is encoded or written.
 
+Under ``torchrun --nproc_per_node N`` the ranks share the query encoding and each searches its rows of the
+document embeddings; rank 0 merges and writes the rank file (``inference_pipeline``).
+
 Example (README): ``python adore/inference.py --model_dir data/passage/trained_models/adore-star
 --output_dir data/passage/evaluate/adore-star --preprocess_dir data/passage/preprocess --mode dev
 --dmemmap_path data/passage/evaluate/star/passages.memmap``.
@@ -19,7 +22,8 @@ from typing import Optional
 
 import cli_types as ct
 import retrieve_utils as ru
-from io_utils import configure_logging, refuse_existing, run_cli
+from dist_utils import cleanup_distributed
+from io_utils import configure_logging, env_int, refuse_existing, run_cli
 from preprocess import SPLIT_NAMES
 
 
@@ -41,20 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(env_int("RANK", 0) == 0)
     output_dir = Path(args.output_dir)
     rank_path = output_dir / f"{args.mode}.rank.tsv"
     refuse_existing(rank_path, args.overwrite)
 
-    device = ru.inference_device(args.no_cuda)
     model, model_id, pad = ru.load_encoder(args.model_dir, allow_pickle=args.allow_pickle)
     docs = ru.open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
                               n_rows=ru.corpus_rows(args.preprocess_dir))
-    queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,
-                              output_dir / f"{args.mode}.qembed.memmap", batch_size=args.pergpu_eval_batch_size,
-                              device=device, pad_token_id=pad, amp=args.amp, overwrite=args.overwrite)
-    ru.rank_queries(docs, queries, args.topk, rank_path, args.faiss_gpus, args.search_mem_gb, args.with_scores)
+    placement = ru.resolve_placement(args)
+    try:
+        queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,
+                                  output_dir / f"{args.mode}.qembed.memmap", batch_size=args.pergpu_eval_batch_size,
+                                  device=placement.device, pad_token_id=pad, amp=args.amp, overwrite=args.overwrite,
+                                  batch_tokens=ru.batch_tokens_for(args, placement.device), placement=placement)
+        ru.rank_queries(docs, queries, args.topk, rank_path, placement, args.faiss_gpus, args.search_mem_gb,
+                        args.with_scores)
+    finally:
+        cleanup_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, torchrun=True)

@@ -4,6 +4,7 @@ the original adore/train.py).
     python adore/train.py --data_type passage --init_path data/passage/trained_models/star \\
         --pembed_path data/passage/evaluate/star/passages.memmap --preprocess_dir data/passage/preprocess \\
         --model_save_dir data/passage/adore_train/models --log_dir data/passage/adore_train/log
+    torchrun --nproc_per_node 4 -m adore.train ... --per_gpu_batch_size 8     # the same global batch of 32
 
 Every micro-batch, with the encoder in train mode (dropout active, as the original):
   1. encode the queries → q [B, dim];
@@ -25,11 +26,37 @@ Every micro-batch, with the encoder in train mode (dropout active, as the origin
 
 Only the query encoder is trained.  The document embeddings (--pembed_path, the STAR corpus encoding, float32
 [N, dim] with dim = the model's output size) are opened read-only and never written.
+
+Under torchrun (a deviation; the original ran one process), with W processes:
+  * the encoder is wrapped in DDP and --per_gpu_batch_size (B) is per process: a global micro-batch holds B·W
+    queries and rank r encodes the r-th slice of it (``train_utils.GlobalBatchSampler``), so one process with
+    --per_gpu_batch_size B·W reads the same queries in the same order;
+  * each rank holds only its rows ``exact_search.shard_rows(N, r, W)`` of the embeddings (a tensor on its GPU when
+    they fit beside the model, else CPU faiss: the rules of one process, over its rows).  Step 2 becomes: all-gather
+    the detached queries of every rank (their counts may differ), search them all in the local rows, all-gather the
+    (score, id) lists and merge them (``dist_utils.sharded_topk``): each rank gets the exact global top K of its
+    own queries, ties in one process's order (score desc, id asc).  The candidates' embeddings are read from the
+    read-only memmap (rows of other ranks included);
+  * the divisor stays the nominal B·A per rank (A = gradient_accumulation_steps): rank r's loss is
+    L_r = Σ_{q∈r} loss_q / (B·A) and DDP averages gradients, (1/W)·Σ_r ∇L_r = Σ_q ∇loss_q / (B·W·A): the gradient
+    of one process with the batch B·W;
+  * gradients are all-reduced after EVERY backward (no ``no_sync``), so every rank clips the same accumulated
+    gradient, as one process does: after a micro-batch the gradient G is equal on all ranks (and clipped); the
+    next backward adds each rank's g_r and DDP averages the sum: avg_r(G + g_r) = G + avg_r(g_r);
+  * rank 0 writes TensorBoard, the console lines and the checkpoint-*/epoch-* folders; the logged sums (loss,
+    MRR@10, recall@10, queries) are summed over the ranks (train/all_loss then divided by W, the loss of one
+    process with B·W).
+  The losses and weights equal one process with the batch B·W up to fp rounding (tests/test_adore_ddp.py: 1e-5)
+  when dropout is off (each layout draws other dropout masks) and an epoch's last global batch holds none or at
+  least W queries (the sampler drops a smaller one: at most W − 1 queries per epoch, logged).  Refused under
+  torchrun: --faiss_gpu_index (an index over several GPUs per process), --model_gpu_index and --model_device
+  cuda:N (each process uses cuda:LOCAL_RANK); --model_device cpu / --no_cuda train on the CPU over gloo.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +64,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import cli_types as ct
+import dist_utils
 import retrieve_utils as ru
 import train_utils as tu
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
-from io_utils import (InputError, atomic_directory, atomic_write_json, configure_logging, require_file,
+from exact_search import shard_rows
+from io_utils import (InputError, atomic_directory, atomic_write_json, configure_logging, env_int, require_file,
                       run_cli)
 from losses import adore_batch_loss
 from model import DenseEncoder
@@ -75,10 +105,13 @@ Index (exact inner product, fp32, row = document offset), one search call per mi
     top-k (on a GPU this needs N x dim x 4 bytes beside the model: 27 GB for MS MARCO passages);
   * auto (default): faiss on --faiss_gpu_index when given, else the tensor when the model is on a GPU with room
     for it (keeping 6 GiB for training), else CPU faiss.
-  --search_precision fast (tensor backend): a bf16 scan, fp32 re-scoring of the top K + --search_margin and a
-  certificate that the top K equals the fp32 search; uncertified queries are searched again in fp32, so the
-  result is the same exact top K (up to fp32 rounding order), with about half the memory traffic per scan.
   Retrieved embeddings are gathered from the tensor, or from the read-only memmap (as the original).
+
+torchrun: --per_gpu_batch_size is per process (global batch = per_gpu_batch_size x processes); each process holds
+one shard of the index (auto or tensor: a tensor on cuda:LOCAL_RANK when it fits, else CPU faiss) and every step
+searches all processes' queries in it and merges the results: the exact global top K.  Gradients are averaged
+after every backward, so the clipping is the single-process one.  Refused: --faiss_gpu_index, --model_gpu_index,
+--model_device cuda:N (the GPU is cuda:LOCAL_RANK).
 
 Kept from the original on purpose: dropout active while retrieving (the ranks include the dropout noise);
 positives appended only when none was retrieved; the loss divided by the NOMINAL per_gpu_batch_size x
@@ -95,8 +128,8 @@ from the latest as if never stopped; with gradient accumulation the last optimiz
 leftover micro-batches (the original carried them into the next epoch); --max_steps for short runs (the
 schedule then spans max_steps); --save_total_limit prunes checkpoint-* folders only (epoch-* folders are kept);
 TensorBoard events go to --log_dir itself (the original added a
-time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr_10, train/recall_10
-(plus train/search_fallback_rate with --search_precision fast); one process only (no DDP).
+time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr_10, train/recall_10; DDP via
+torchrun (above).
 """
 
 
@@ -139,20 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--model_device", default=None,
                     help="device of the query encoder: cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX when "
                          "CUDA is available and not --no_cuda, else cpu)")
-    hw.add_argument("--model_gpu_index", type=ct.non_negative_int, default=0,
-                    help="the original's way to pick the encoder's GPU")
+    hw.add_argument("--model_gpu_index", type=ct.non_negative_int, default=None,
+                    help="the original's way to pick the encoder's GPU (default 0; not under torchrun)")
     hw.add_argument("--index_backend", choices=ru.INDEX_BACKENDS, default="auto", help="see below")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
     hw.add_argument("--faiss_gpu_index", type=ct.non_negative_int, nargs="*", default=[],
-                    help="GPUs of the faiss index (several: sharded); none: CPU faiss")
+                    help="GPUs of the faiss index (several: sharded); none: CPU faiss (not under torchrun)")
     hw.add_argument("--faiss_omp_num_threads", type=ct.positive_int, default=None,
                     help="OpenMP threads of CPU faiss, at most the CPUs (default: faiss's, one per core; the original "
                          "used 32)")
-    hw.add_argument("--search_precision", choices=ru.SEARCH_PRECISIONS, default="fp32",
-                    help="fp32 (original) or fast: certified-exact bf16 scan + fp32 re-scoring (tensor index)")
-    hw.add_argument("--search_margin", type=ct.non_negative_int, default=None,
-                    help="fast search: extra candidates re-scored beyond K (default: K)")
     return p
 
 
@@ -172,15 +201,21 @@ def resolve_metric_cut(metric_cut: Optional[int], data_type: Optional[str]) -> i
     raise InputError("pass --metric_cut (the README uses 200 for passages) or --data_type passage")
 
 
+def parse_model_device(model_device: str) -> torch.device:
+    """``--model_device`` as a torch device (cpu, cuda or cuda:N; else :class:`InputError`)."""
+    try:
+        device = torch.device(model_device)
+    except RuntimeError:
+        raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device) from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device)
+    return device
+
+
 def resolve_model_device(model_device: Optional[str], model_gpu_index: int, no_cuda: bool) -> torch.device:
     """``--model_device`` if given, else ``cuda:<model_gpu_index>`` when CUDA is usable, else the CPU."""
     if model_device is not None:
-        try:
-            device = torch.device(model_device)
-        except RuntimeError:
-            raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device) from None
-        if device.type not in ("cpu", "cuda"):
-            raise InputError("--model_device must be cpu, cuda or cuda:N", value=model_device)
+        device = parse_model_device(model_device)
         if device.type == "cpu":
             return device
         if no_cuda:
@@ -196,15 +231,108 @@ def resolve_model_device(model_device: Optional[str], model_gpu_index: int, no_c
     return torch.device("cuda", model_gpu_index)
 
 
+def check_torchrun_args(args: argparse.Namespace, world_size: int) -> None:
+    """In one of ``world_size`` > 1 processes started by torchrun, refuse (:class:`InputError`, before any file is
+    read or written) the flags that cannot be right there: ``--faiss_gpu_index`` (one index on several GPUs, where
+    each process holds its own shard on its own GPU or in CPU faiss), ``--model_gpu_index`` and ``--model_device
+    cuda:N`` (each process trains on ``cuda:LOCAL_RANK``), ``--model_device cuda`` without CUDA."""
+    if world_size <= 1:
+        return
+    where = f"under torchrun ({world_size} processes)"
+    if args.faiss_gpu_index:
+        raise InputError(f"--faiss_gpu_index cannot be used {where}: each process holds its own shard of the index, "
+                         f"on its own GPU (cuda:LOCAL_RANK) or in CPU faiss; drop the flag",
+                         value=args.faiss_gpu_index)
+    if args.model_gpu_index is not None:
+        raise InputError(f"--model_gpu_index cannot be used {where}: each process trains on cuda:LOCAL_RANK; drop "
+                         f"the flag", value=args.model_gpu_index)
+    if args.model_device is None:
+        return
+    device = parse_model_device(args.model_device)
+    if device.type == "cuda" and device.index is not None:
+        raise InputError(f"--model_device cuda:N cannot be used {where}: each process trains on cuda:LOCAL_RANK; "
+                         f"pass --model_device cuda", value=args.model_device)
+    if device.type == "cuda" and args.no_cuda:
+        raise InputError("--no_cuda contradicts --model_device", value=args.model_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--model_device cuda but CUDA is not available", value=args.model_device)
+
+
+def placement(args: argparse.Namespace) -> tu.DistInfo:
+    """Where this process trains.  One process: rank 0 of 1 on :func:`resolve_model_device`.  Under torchrun: the
+    process group is joined (:func:`train_utils.init_distributed`: ``cuda:LOCAL_RANK`` over nccl, or the CPU over
+    gloo with ``--no_cuda`` / ``--model_device cpu`` / no CUDA)."""
+    if env_int("WORLD_SIZE", 1) <= 1:
+        device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
+        return tu.DistInfo(0, 1, 0, device)
+    on_cpu = args.no_cuda or (args.model_device is not None and parse_model_device(args.model_device).type == "cpu")
+    return tu.init_distributed(no_cuda=on_cpu)
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Check the arguments (each flag's range is checked while parsing) and fill in the resolved ``metric_cut`` and
     ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
-    (:func:`train_utils.cap_training_args`).  Raises :class:`InputError`."""
+    (:func:`train_utils.cap_training_args`); under torchrun refuse what cannot be right there
+    (:func:`check_torchrun_args`).  Raises :class:`InputError`."""
+    check_torchrun_args(args, env_int("WORLD_SIZE", 1))
+    if args.model_gpu_index is None and env_int("WORLD_SIZE", 1) <= 1:
+        args.model_gpu_index = 0
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
     tu.cap_training_args(args, {"max_seq_length": "train-query"})
     args.faiss_omp_num_threads = ct.at_most_cpus(args.faiss_omp_num_threads, "--faiss_omp_num_threads")
     if args.log_dir is None:
         args.log_dir = str(Path(args.model_save_dir) / "log")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The frozen index: the whole corpus in one process, one shard per process under torchrun
+# ----------------------------------------------------------------------------------------------------------
+
+class ShardedIndex:
+    """This process's shard of the frozen embeddings under torchrun, searched together with the other processes'
+    shards; the interface of :class:`retrieve_utils.TrainingIndex` that a training step uses.
+
+    ``local`` is the :class:`retrieve_utils.TrainingIndex` over the rows ``[start, start + local.ntotal)`` of
+    ``embeddings`` (the whole read-only memmap); the shards of ranks 0, 1, … are consecutive increasing row ranges
+    (:func:`exact_search.shard_rows`).  :meth:`search` is a collective (every rank calls it once per micro-batch,
+    with the same k): :func:`dist_utils.sharded_topk`.  :meth:`gather` reads any row, of any shard, from the
+    memmap (as the original did)."""
+
+    def __init__(self, embeddings: np.ndarray, local: ru.TrainingIndex, start: int):
+        self.embeddings, self.local, self.start = embeddings, local, start
+        self.ntotal, self.dim = embeddings.shape
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k ``(scores, ids)`` over ALL rows of this rank's (detached) ``queries``, in the format of
+        :mod:`exact_search` (ids are corpus rows)."""
+        return dist_utils.sharded_topk(self.local.search, queries, k, self.start, self.ntotal)
+
+    def gather(self, ids: np.ndarray, device: torch.device | str) -> torch.Tensor:
+        """float32 embeddings ``[*ids.shape, dim]`` of the corpus rows ``ids`` (int64, all valid), on ``device``."""
+        rows = self.embeddings[np.asarray(ids, dtype=np.int64)]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+
+    def describe(self) -> str:
+        return f"rows {self.start}..{self.start + self.local.ntotal - 1} of {self.ntotal}: {self.local.describe()}"
+
+
+def build_index(args: argparse.Namespace, docs: np.ndarray, device: torch.device,
+                info: tu.DistInfo) -> ru.TrainingIndex | ShardedIndex:
+    """One process: :func:`retrieve_utils.build_training_index` over all rows (``--index_backend``,
+    ``--faiss_gpu_index``, the model's device).  Under torchrun: the same over this rank's rows only, without
+    faiss GPUs (refused there), wrapped in a :class:`ShardedIndex`."""
+    if not info.distributed:
+        return ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device,
+                                       args.faiss_omp_num_threads)
+    if len(docs) < info.world_size:
+        raise InputError(f"{len(docs)} document embeddings cannot be sharded over {info.world_size} processes",
+                         path=args.pembed_path)
+    start, end = shard_rows(len(docs), info.rank, info.world_size)
+    local = ru.build_training_index(docs[start:end], args.index_backend, [], device, args.faiss_omp_num_threads)
+    index = ShardedIndex(docs, local, start)
+    logger.info("the index is sharded over %d processes; rank %d holds %s", info.world_size, info.rank,
+                index.describe())
+    return index
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,15 +394,15 @@ def label_candidates(retrieved: np.ndarray, positives: Sequence[Sequence[int]], 
     return Candidates(ids, flags, lengths, n_retrieved, mrr10, hit10)
 
 
-def retrieve_candidates(index: ru.TrainingIndex, q: torch.Tensor, positives: Sequence[Sequence[int]], k: int,
-                        append: str) -> Candidates:
+def retrieve_candidates(index: ru.TrainingIndex | ShardedIndex, q: torch.Tensor, positives: Sequence[Sequence[int]],
+                        k: int, append: str) -> Candidates:
     """Search the top ``k`` of the detached queries (one call for the batch) and label them
     (:func:`label_candidates`)."""
     _, ids = index.search(q.detach(), k)
     return label_candidates(ids, positives, append)
 
 
-def candidate_scores(index: ru.TrainingIndex, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+def candidate_scores(index: ru.TrainingIndex | ShardedIndex, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
     """``f[i, r] = q_i · e(ids[i, r])`` in float32 ``[B, n]`` (padding included; masked by the loss); the frozen
     embeddings come from the index, the gradient flows to ``q`` only."""
     docs = index.gather(candidates.ids, q.device)                 # [B, n, dim], no grad
@@ -295,7 +423,7 @@ class LossSettings:
                    float(args.per_gpu_batch_size * args.gradient_accumulation_steps))
 
 
-def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex, inputs: dict[str, torch.Tensor],
+def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex | ShardedIndex, inputs: dict[str, torch.Tensor],
                      positives: Sequence[Sequence[int]], settings: LossSettings,
                      device: torch.device) -> tuple[torch.Tensor, Candidates]:
     """Encode (train mode), retrieve, label, score and return the ADORE loss of one micro-batch."""
@@ -320,42 +448,43 @@ class Window:
     mrr: float = 0.0
     hits: float = 0.0
     queries: int = 0
-    searched: int = 0
-    fallbacks: int = 0
-
-    @classmethod
-    def start(cls, fallback: Optional[tuple[int, int]]) -> "Window":
-        """An empty window; ``fallback``: the fast index's (queries searched, fallbacks) counters so far."""
-        searched, fallbacks = fallback or (0, 0)
-        return cls(searched=searched, fallbacks=fallbacks)
 
     def add_candidates(self, c: Candidates) -> None:
         self.mrr += float(c.mrr10.sum())
         self.hits += float(c.hit10.sum())
         self.queries += len(c.mrr10)
 
-    def scalars(self, lr: float, fallback: Optional[tuple[int, int]], steps: int) -> dict[str, float]:
+    def summed_over_ranks(self, device: torch.device) -> "Window":
+        """Under torchrun: the window of the whole job (the ranks' sums added, the loss divided by the world size,
+        as one process with the global batch logs it); in one process: itself."""
+        world = tu.get_world_size()
+        if world == 1:
+            return self
+        sums = torch.tensor([self.loss, self.mrr, self.hits, self.queries], dtype=torch.float64, device=device)
+        loss, mrr, hits, queries = tu.all_reduce_sum(sums).tolist()
+        return Window(loss / world, mrr, hits, int(queries))
+
+    def scalars(self, lr: float, steps: int) -> dict[str, float]:
         """The original's tags over the window's ``steps`` steps: ``lr``, ``train/all_loss`` (mean step loss),
-        ``train/mrr_10`` and ``train/recall_10`` (means over its queries), and with the fast index
-        ``train/search_fallback_rate``."""
-        out = {"lr": lr, "train/all_loss": self.loss / steps,
-               "train/mrr_10": self.mrr / max(self.queries, 1), "train/recall_10": self.hits / max(self.queries, 1)}
-        if fallback is not None:
-            searched, fallbacks = fallback[0] - self.searched, fallback[1] - self.fallbacks
-            out["train/search_fallback_rate"] = fallbacks / max(searched, 1)
-        return out
+        ``train/mrr_10`` and ``train/recall_10`` (means over its queries)."""
+        return {"lr": lr, "train/all_loss": self.loss / steps,
+                "train/mrr_10": self.mrr / max(self.queries, 1), "train/recall_10": self.hits / max(self.queries, 1)}
 
 
 @dataclass
 class Trainer(tu.StepDriver):
     """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`train_utils.run_steps`: its
     optimizer step (clipping after every micro-batch's backward, then AdamW without clipping), its ``Window`` of
-    logged scalars and the ``epoch-<k>`` model folders."""
+    logged scalars and the ``epoch-<k>`` model folders.
+
+    ``model`` is the encoder; ``wrapped`` the module the forward runs through (``model`` itself in one process,
+    its DDP wrapper under torchrun, which all-reduces the gradients at every backward: see the module docstring)."""
 
     args: argparse.Namespace
-    device: torch.device
+    info: tu.DistInfo
     model: DenseEncoder
-    index: ru.TrainingIndex
+    wrapped: torch.nn.Module
+    index: ru.TrainingIndex | ShardedIndex
     data: tu.EpochData
     run: tu.TrainingRun
     parameters: list[torch.nn.Parameter] = field(init=False)
@@ -365,13 +494,18 @@ class Trainer(tu.StepDriver):
     def __post_init__(self) -> None:
         self.parameters = [q for q in self.model.parameters() if q.requires_grad]
         self.settings = LossSettings.from_args(self.args)
-        self.window = Window.start(self.index.fallback_stats)
+        self.window = Window()
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
 
     def step(self, micro_batches: Iterator[tuple[dict[str, torch.Tensor], list]], n_micro: int) -> dict[str, Any]:
         step_loss = 0.0
         for inputs, positives in micro_batches:
-            loss, candidates = micro_batch_loss(self.model, self.index, inputs, positives, self.settings, self.device)
-            loss.backward()
+            loss, candidates = micro_batch_loss(self.wrapped, self.index, inputs, positives, self.settings,
+                                                self.device)
+            loss.backward()  # under DDP: gradients averaged over the ranks here, also mid-accumulation (no no_sync)
             if self.args.max_grad_norm > 0:  # faithful: after every backward, also mid-accumulation
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.args.max_grad_norm)
             step_loss += loss.item()
@@ -382,18 +516,19 @@ class Trainer(tu.StepDriver):
         return {"loss": f"{step_loss:.4f}"}
 
     def scalars(self, steps: int) -> dict[str, float]:
-        stats = self.index.fallback_stats
-        out = self.window.scalars(self.run.scheduler.get_last_lr()[0], stats, steps)
-        self.window = Window.start(stats)
+        out = self.window.summed_over_ranks(self.device).scalars(self.run.scheduler.get_last_lr()[0], steps)
+        self.window = Window()
         return out
 
     def epoch_done(self, epoch: int) -> None:
-        """Write the ``epoch-<epoch>`` model folder (before the checkpoint that says the epoch is done).
+        """Write the ``epoch-<epoch>`` model folder (before the checkpoint that says the epoch is done; rank 0).
 
         Both appear under their final names only when complete (written under ``*.tmp-<pid>``, then renamed).  The
         epoch folder goes first: a run killed between the two resumes from the previous checkpoint, trains the same
         step again and replaces the folder with the same weights; the other order would leave a resumed run with
         no ``epoch-<k>`` at all (the checkpoint already says the epoch is done)."""
+        if not self.info.is_main:
+            return
         with atomic_directory(Path(self.args.model_save_dir) / f"{EPOCH_PREFIX}{epoch}") as tmp:
             self.model.save_pretrained(tmp)
             atomic_write_json(tmp / "training_args.json", vars(self.args))
@@ -419,13 +554,14 @@ def _remove_old_epochs(save_dir: Path) -> None:
             shutil.rmtree(old)
 
 
-def setup(args: argparse.Namespace) -> Trainer:
-    """Model, frozen index, data, optimizer and schedule (restored from the latest checkpoint with --resume).
+def setup(args: argparse.Namespace, info: tu.DistInfo) -> Trainer:
+    """Model, frozen index (this rank's shard under torchrun), data, optimizer and schedule (restored from the latest
+    checkpoint with --resume), on ``info.device`` (:func:`placement`).
 
     The inputs (init model, document embeddings against the corpus of --preprocess_dir, queries) are checked
     before the output folder is touched; a damaged checkpoint is refused before anything is written."""
     tu.set_seed(args.seed)
-    device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
+    device = info.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = tu.load_init_model(args.init_path, allow_pickle=args.allow_pickle).to(device)
@@ -434,45 +570,64 @@ def setup(args: argparse.Namespace) -> Trainer:
     dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, len(docs))
     save_dir = Path(args.model_save_dir)
     tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
-    if args.overwrite_output_dir and not args.resume:
+    if args.overwrite_output_dir and not args.resume and info.is_main:
         _remove_old_epochs(save_dir)
     checkpoint = tu.checkpoint_to_resume(save_dir, args.resume)
-    index = ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device, args.search_precision,
-                                    args.search_margin, args.faiss_omp_num_threads)
+    index = build_index(args, docs, device, info)
     collator = QueryCollator(args.max_seq_length, pad_token_id=model.pad_token_id)
-    sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed)
+    sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed, info.world_size, info.rank)
+    if info.is_main:
+        _warn_dropped_queries(len(dataset), args.per_gpu_batch_size, info.world_size)
     plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
                                   args.num_train_epochs, args.max_steps)
     optimizer = tu.build_optimizer("adamw", tu.param_groups(model, args.weight_decay), args.learning_rate,
                                    eps=args.adam_epsilon)
     scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
     run = tu.TrainingRun(save_dir, model, optimizer, scheduler, tu.make_grad_scaler(device, fp16=False), plan,
-                         tu.resume_settings(args, RESUME_KEYS), args.save_steps, args.save_total_limit)
+                         tu.resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
+                         args.save_total_limit)
     if checkpoint is not None:
-        run.resume(checkpoint, collator)
+        run.resume(checkpoint, collator)  # before DDP wraps the model
+    wrapped: torch.nn.Module = model
+    if info.distributed:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     data = tu.EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
                         pin_memory=device.type == "cuda")
-    return Trainer(args, device, model, index, data, run)
+    return Trainer(args, info, model, wrapped, index, data, run)
+
+
+def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> None:
+    rest = n_queries % (per_process * world_size)
+    if 0 < rest < world_size:
+        logger.warning("the last global batch of every epoch (%d queries, fewer than the %d processes) is left out "
+                       "(train_utils.GlobalBatchSampler): one process with --per_gpu_batch_size %d would train on "
+                       "it", rest, world_size, per_process * world_size)
 
 
 def train(args: argparse.Namespace) -> Path:
-    """Run ADORE training as configured by the validated ``args``; returns ``model_save_dir``."""
-    t = setup(args)
-    plan = t.run.plan
-    logger.info("ADORE: %d training queries, batch %d x %d accumulation, %d steps/epoch, %d steps (%d epochs), "
-                "encoder on %s, metric_cut %d, K %d", len(t.data.dataset), args.per_gpu_batch_size,
-                args.gradient_accumulation_steps, plan.steps_per_epoch, plan.total_steps, plan.num_epochs,
-                t.device, args.metric_cut, args.neg_topk)
-    tu.run_steps(t.run, t.data, t, log_dir=args.log_dir, logging_steps=args.logging_steps)
+    """Run ADORE training as configured by the validated ``args`` (under torchrun: this process's part of it);
+    returns ``model_save_dir``."""
+    info = placement(args)
+    try:
+        t = setup(args, info)
+        plan = t.run.plan
+        logger.info("ADORE: %d training queries, batch %d x %d process(es) x %d accumulation, %d steps/epoch, %d "
+                    "steps (%d epochs), encoder on %s, metric_cut %d, K %d", len(t.data.dataset),
+                    args.per_gpu_batch_size, info.world_size, args.gradient_accumulation_steps, plan.steps_per_epoch,
+                    plan.total_steps, plan.num_epochs, t.device, args.metric_cut, args.neg_topk)
+        tu.run_steps(t.run, t.data, t, log_dir=args.log_dir, logging_steps=args.logging_steps,
+                     main_process=info.is_main)
+    finally:
+        tu.cleanup_distributed()
     return Path(args.model_save_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
     validate_args(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, torchrun=True)

@@ -7,17 +7,16 @@ Each measurement runs adore/train.py's own pieces on synthetic data, per index b
 * ``loss/backward``: ``candidate_scores`` (gather the K embeddings, fp32 scores) + ``adore_batch_loss`` + backward
   + gradient clipping + the AdamW/schedule step.
 
-Backends: ``faiss`` (IndexFlatIP: CPU, or GPU with --device cuda when faiss has GPU support), ``tensor fp32``
-(chunked matmul + top-k on the model's device) and ``tensor fast`` (bf16 scan + fp32 re-scoring of K + margin
-candidates + certificate, fp32 fallback; on the CPU the bf16 products are emulated in fp32, so expect no speed-up
-there — it is the GPU path that halves the bytes read).  ``fallback`` is the share of queries the certificate
-could not settle (searched again in fp32).
+Backends: ``faiss`` (IndexFlatIP: CPU, or GPU with --device cuda when faiss has GPU support) and ``tensor``
+(chunked fp32 matmul + top-k on the model's device).  (A bf16 "fast" scan with an fp32 certificate was measured
+on an H200 at MS MARCO scale and removed, issue #12: 32.1 ms per step against 23.8 ms for the fp32 tensor scan,
+with 17 % of the queries searched again in fp32.)
 
     python benchmarks/bench_adore.py                      # CPU: tiny encoder, 5k and 200k x 768 docs, B 32, K 200
     python benchmarks/bench_adore.py --device cuda        # roberta-base-size encoder, 1M x 768 docs
-    python benchmarks/bench_adore.py --device cuda --rows 8841823     # MS MARCO passage size (41 GB with fast)
+    python benchmarks/bench_adore.py --device cuda --rows 8841823     # MS MARCO passage size (27 GB)
 
-Projection: an exact scan of MS MARCO passages reads 8.84M x 768 x 4 B = 27.2 GB per step (13.6 GB in bf16);
+Projection: an exact scan of MS MARCO passages reads 8.84M x 768 x 4 B = 27.2 GB per step;
 at --bandwidth_gbs (default 3000, an H100-class GPU) that is the floor of the retrieval time per step.  It is
 compared with the encode + loss/backward time measured for the roberta-base-size encoder (--device cuda; a CPU-only
 run uses a FLOP estimate at --gpu_tflops) and with the original's README figure (one epoch of 15,717 steps in
@@ -116,14 +115,9 @@ def measure(model: DenseEncoder, index: ru.TrainingIndex, device: torch.device, 
     return out
 
 
-def backends(device: torch.device, margins: list[int]) -> list[tuple[str, str, Optional[int]]]:
-    """``(backend, precision, margin)`` configurations to run."""
-    configs: list[tuple[str, str, Optional[int]]] = []
-    if device.type == "cpu" or ru.faiss_gpu_count() > 0:
-        configs.append(("faiss", "fp32", None))
-    configs.append(("tensor", "fp32", None))
-    configs += [("tensor", "fast", m) for m in margins]
-    return configs
+def backends(device: torch.device) -> list[str]:
+    """The index backends to run."""
+    return (["faiss"] if device.type == "cpu" or ru.faiss_gpu_count() > 0 else []) + ["tensor"]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -133,19 +127,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_out = []
     for rows in args.rows:
         docs = random_embeddings(rows, seed=rows)
-        for backend, precision, margin in backends(device, args.margins or [args.k]):
+        for backend in backends(device):
             start = time.perf_counter()
             gpus = [device.index or 0] if backend == "faiss" and device.type == "cuda" else None
-            index = ru.build_training_index(docs, backend, gpus, device, precision, margin)
+            index = ru.build_training_index(docs, backend, gpus, device)
             build_s = time.perf_counter() - start
             try:
                 figures = measure(model, index, device, args.batch, args.q_len, args.k, args.steps, args.warmup)
             except torch.OutOfMemoryError:
                 figures = {"error": "out of memory"}
-            stats = index.fallback_stats
             rows_out.append({"rows": rows, "dim": DIM, "model": label, "batch": args.batch, "k": args.k,
-                             "backend": backend, "precision": precision, "margin": margin, "build_s": build_s,
-                             "fallback_rate": stats[1] / max(stats[0], 1) if stats else None, **figures})
+                             "backend": backend, "build_s": build_s, **figures})
             del index
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -160,7 +152,7 @@ def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
     training, no TF32)."""
     fp32_bytes = MSMARCO_PASSAGES * DIM * 4
     bandwidth = args.bandwidth_gbs * 1e9
-    scan_ms = {"fp32": fp32_bytes / bandwidth * 1000, "bf16": fp32_bytes / 2 / bandwidth * 1000}
+    scan_ms = {"fp32": fp32_bytes / bandwidth * 1000}
     out: dict[str, Any] = {"passages": MSMARCO_PASSAGES, "fp32_gb_per_scan": fp32_bytes / 1e9,
                            "bandwidth_gbs": args.bandwidth_gbs, "scan_ms": scan_ms,
                            "original_step_ms_readme": 3600_000 / ORIGINAL_STEPS_PER_HOUR}
@@ -179,25 +171,24 @@ def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
 
 
 def print_table(rows: list[dict[str, Any]], proj: dict[str, Any]) -> None:
-    head = (f"{'docs':>9} {'backend':7} {'prec':5} {'margin':>6} {'encode ms':>10} {'retrieve ms':>12} "
-            f"{'loss+bwd ms':>12} {'step ms':>9} {'retr %':>7} {'fallback':>9}")
+    head = (f"{'docs':>9} {'backend':7} {'encode ms':>10} {'retrieve ms':>12} {'loss+bwd ms':>12} {'step ms':>9} "
+            f"{'retr %':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        lead = f"{r['rows']:>9,} {r['backend']:7} {r['precision']:5} {str(r['margin'] or '-'):>6} "
+        lead = f"{r['rows']:>9,} {r['backend']:7} "
         if "error" in r:
             print(lead + r["error"])
             continue
-        fallback = "-" if r["fallback_rate"] is None else f"{r['fallback_rate']:.1%}"
         print(lead + f"{r['encode_ms']:10.1f} {r['retrieve_ms']:12.1f} {r['loss_backward_ms']:12.1f} "
-              f"{r['step_ms']:9.1f} {r['retrieval_share']:7.1%} {fallback:>9}")
+              f"{r['step_ms']:9.1f} {r['retrieval_share']:7.1%}")
     scan = proj["scan_ms"]
     print(f"\nprojection, MS MARCO passages ({proj['fp32_gb_per_scan']:.1f} GB fp32 per exact scan) at "
-          f"{proj['bandwidth_gbs']:.0f} GB/s: scan >= {scan['fp32']:.1f} ms fp32, {scan['bf16']:.1f} ms fast (bf16); "
+          f"{proj['bandwidth_gbs']:.0f} GB/s: scan >= {scan['fp32']:.1f} ms; "
           f"the original's README step: ~{proj['original_step_ms_readme']:.0f} ms")
     share, step = proj["retrieval_share"], proj["step_ms"]
     print(f"encode + loss/backward {proj['model_ms']:.1f} ms ({proj['model_ms_source']}) → step ~{step['fp32']:.1f} "
-          f"ms fp32 ({share['fp32']:.0%} retrieval), ~{step['bf16']:.1f} ms fast ({share['bf16']:.0%} retrieval)")
+          f"ms ({share['fp32']:.0%} retrieval)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -208,8 +199,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--q_len", type=int, default=24, help="query tokens (ADORE truncates at 64)")
     p.add_argument("--k", type=int, default=200, help="documents retrieved per query (--neg_topk)")
-    p.add_argument("--margins", type=int, nargs="+", default=None,
-                   help="fast search margins to try (default: K)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: 1 on cpu)")

@@ -8,6 +8,9 @@ Outputs in ``--output_dir`` (default ``./data/{data_type}/evaluate/star``):
   refused instead of silently reused (the original reused any existing memmap without checking);
 * ``{mode}.rank.tsv``: ``qoffset\\tpoffset\\trank`` (top ``--topk``; ``--with_scores`` adds the score).
 
+Several processes: ``torchrun --nproc_per_node N star/inference.py ...`` shares the encoding and the search among
+the ranks; ``--shard_id K --num_shards N`` encodes one shard of the corpus per job (``inference_pipeline``).
+
 Example (README): ``python star/inference.py --data_type passage --max_doc_length 256 --mode dev``.
 """
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Optional
 
 
 import retrieve_utils as ru
-from io_utils import configure_logging, refuse_existing, run_cli
+from dist_utils import cleanup_distributed
+from io_utils import configure_logging, env_int, refuse_existing, run_cli
 from preprocess import SPLIT_NAMES
 
 
@@ -37,17 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(env_int("RANK", 0) == 0)
     data = Path("data") / args.data_type
     model_dir = Path(args.model_dir or data / "trained_models" / "star")
     preprocess_dir = Path(args.preprocess_dir or data / "preprocess")
     output_dir = Path(args.output_dir or data / "evaluate" / "star")
     rank_path = output_dir / f"{args.mode}.rank.tsv"
     refuse_existing(rank_path, args.overwrite)
-
-    queries, passages = ru.encode_queries_and_corpus(model_dir, preprocess_dir, args.mode, output_dir, args)
-    ru.rank_queries(passages, queries, args.topk, rank_path, args.faiss_gpus, args.search_mem_gb, args.with_scores)
+    placement = ru.resolve_placement(args)
+    try:
+        encoded = ru.encode_queries_and_corpus(model_dir, preprocess_dir, args.mode, output_dir, args, placement)
+        if encoded is not None:
+            queries, passages = encoded
+            ru.rank_queries(passages, queries, args.topk, rank_path, placement, args.faiss_gpus, args.search_mem_gb,
+                            args.with_scores)
+    finally:
+        cleanup_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, torchrun=True)

@@ -48,8 +48,9 @@ from tqdm import tqdm
 import cli_types as ct
 import retrieve_utils as ru
 from dataset import TokenIdsCache, hardneg_qids_path, load_rel
-from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, refuse_existing,
-                      run_cli)
+from dist_utils import cleanup_distributed
+from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, env_int,
+                      refuse_existing, refuse_torchrun, run_cli)
 from preprocess import SPLIT_NAMES, IdIndex
 from run_file import load_id_map, read_run_arrays
 
@@ -309,14 +310,23 @@ def log_run_stats(stats: RunStats, path: Path) -> None:
 # Model rankings
 # ==============================================================================================================
 
-def model_candidates(args: argparse.Namespace, paths: Paths, qoffsets: np.ndarray) -> np.ndarray:
+def model_candidates(args: argparse.Namespace, paths: Paths, qoffsets: np.ndarray) -> Optional[np.ndarray]:
     """Encode the queries and the corpus with the warm-up model, search the top topk + 10, write the rank file;
-    return the rankings of ``qoffsets`` (int64 ``[n, topk + 10]``)."""
-    queries, passages = ru.encode_queries_and_corpus(paths.model_dir, paths.preprocess_dir, args.mode,
-                                                     paths.output_dir, args)
-    ids = ru.rank_queries(passages, queries, args.topk + SEARCH_MARGIN, paths.rank, faiss_gpus(args),
-                          args.search_mem_gb, args.with_scores)
-    return ids[qoffsets]
+    return the rankings of ``qoffsets`` (int64 ``[n, topk + 10]``).  Under torchrun the ranks share the encoding
+    and the search and only rank 0 gets the rankings; a ``--shard_id`` job encodes its shard of the corpus.  The
+    others get None."""
+    placement = ru.resolve_placement(args)
+    try:
+        encoded = ru.encode_queries_and_corpus(paths.model_dir, paths.preprocess_dir, args.mode, paths.output_dir,
+                                               args, placement)
+        if encoded is None:
+            return None
+        queries, passages = encoded
+        ids = ru.rank_queries(passages, queries, args.topk + SEARCH_MARGIN, paths.rank, placement, faiss_gpus(args),
+                              args.search_mem_gb, args.with_scores)
+    finally:
+        cleanup_distributed()
+    return None if ids is None else ids[qoffsets]
 
 
 # ==============================================================================================================
@@ -344,7 +354,11 @@ def print_mrr(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(env_int("RANK", 0) == 0)
+    if args.run_file:
+        if args.shard_id is not None:
+            raise InputError("--shard_id splits the model's encoding: a run file needs none")
+        refuse_torchrun()  # reading a run file does not split over processes
     if args.mode != "train":
         logger.warning("mining the %s queries: STAR training needs the train queries' negatives (--mode train; the "
                        "original README's --mode dev is a bug, DRhard issue #24)", args.mode)
@@ -366,6 +380,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                          f"negatives besides its positive)", path=corpus.path, value=args.topk)
     if not args.run_file:
         candidates = model_candidates(args, paths, qoffsets)
+        if candidates is None:  # another torchrun rank, or a --shard_id job
+            return
         source, depth = paths.rank, f"the top {args.topk + SEARCH_MARGIN}"
     negs = select_negatives(candidates, qoffsets, rel, args.topk)
     fill = args.fill_random if args.fill_random is not None else bool(args.run_file)
@@ -376,4 +392,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, torchrun=True)

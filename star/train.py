@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cli_types as ct
 import train_utils as tu
+from batch_plan import BackgroundIterator
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
 from io_utils import InputError, atomic_write_json, configure_logging, require_file, run_cli
@@ -70,7 +71,9 @@ latest checkpoint-<step> (data order depends only on seed and epoch); checkpoint
 plus trainer_state.pt; the Inbatch-Neg and Rand-Neg baselines (removed from the original repo) are
 --negative_mode inbatch|rand (their historical batch 64 / lr 5e-6 defaults are not restored: pass them); with
 lamb, --adam_beta1/2 are passed to Lamb (the original ignored them; the defaults are the same); adamw is
-torch.optim.AdamW; DDP via torchrun; --bf16.
+torch.optim.AdamW; DDP via torchrun; --bf16.  Speed (same batches, same update): without DataLoader workers the
+next batches are collated in a background thread while the step runs; Lamb updates all parameters with
+multi-tensor (torch._foreach_*) operations; a step reads no tensor value on the host but fp16's GradScaler check.
 """
 
 
@@ -166,6 +169,18 @@ def load_training_data(args: argparse.Namespace, pad_token_id: int) -> TrainData
     collator = TrainCollator(args.max_query_length, args.max_doc_length, rel_dict, pad_token_id=pad_token_id,
                              padding=args.padding)
     return TrainData(dataset, collator, rel_dict)
+
+
+class PrefetchedEpochData(tu.EpochData):
+    """:class:`train_utils.EpochData` whose batches are collated one step ahead in a background thread
+    (:class:`batch_plan.BackgroundIterator`) when there are no DataLoader workers: the same batches in the same
+    order, while the step runs (with workers, the DataLoader already reads ahead)."""
+
+    def batches(self, plan: tu.TrainingPlan, progress: tu.Progress) -> Iterator[Any]:
+        batches = super().batches(plan, progress)
+        if self.num_workers:
+            return batches
+        return BackgroundIterator(batches, depth=2 * plan.gradient_accumulation_steps)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -324,8 +339,8 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                     "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
                     args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
                     plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
-    epochs = tu.EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
-                          pin_memory=info.device.type == "cuda")
+    epochs = PrefetchedEpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
+                                 pin_memory=info.device.type == "cuda")
     tu.run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
                  logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:

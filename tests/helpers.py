@@ -361,3 +361,36 @@ def reference_metrics(docs: np.ndarray, queries: np.ndarray, qids: list[str], do
         mrr.append(1.0 / (1 + np.argmax(hits)) if hits.any() else 0.0)
         ndcg.append(float(hits @ discount) / discount[:min(k, len(relevant[qid]))].sum())
     return {f"MRR@{k}": float(np.mean(mrr)), f"nDCG@{k}": float(np.mean(ndcg))}
+
+
+def make_adore_sized_data(root: Path, n_queries: int, n_docs: int, dropout: float = 0.0,
+                          duplicates: tuple = ()) -> AdoreData:
+    """:func:`make_adore_data` with other sizes: ``n_queries`` train queries (query q's positive is 3q mod
+    ``n_docs``, plus 3q + 1 for even q), ``n_docs`` random document embeddings in which each ``(src, dst)`` pair of
+    ``duplicates`` copies row src onto row dst (equal scores: ties at any rank), and an init model with
+    ``dropout``."""
+    rng = np.random.default_rng(13)
+    pre = root / "preprocess"
+    pre.mkdir(parents=True)
+    write_token_rows(pre, "train-query", [[0, *rng.integers(4, TRAIN_VOCAB, size=rng.integers(1, 7)).tolist(), 2]
+                                          for _ in range(n_queries)])
+    lines = [f"{q}\t0\t{3 * q % n_docs}\t1" for q in range(n_queries)]
+    lines += [f"{q}\t0\t{(3 * q + 1) % n_docs}\t1" for q in range(0, n_queries, 2)]
+    (pre / "train-qrel.tsv").write_text("\n".join(lines) + "\n")
+    docs = rng.standard_normal((n_docs, ADORE_DIM), dtype=np.float32)
+    for src, dst in duplicates:
+        docs[dst] = docs[src]
+    emb = root / "passages.memmap"
+    docs.tofile(emb)
+    torch.manual_seed(0)
+    config = tiny_training_config(dropout, pad_token_id=1, output_embedding_size=ADORE_DIM)
+    DenseEncoder.from_config(config).save_pretrained(root / "init")
+    return AdoreData(pre, emb, root / "init")
+
+
+def torchrun_args(nproc: int, *command) -> list:
+    """``python -m torch.distributed.run`` arguments starting ``nproc`` local processes of ``command`` (``"-m",
+    MODULE, args...`` or ``SCRIPT, args...``), ``--standalone`` (torchrun binds a free port itself: no race with
+    other tests for a port chosen beforehand): pass them to :func:`run_cli`, which runs them from the repository
+    root."""
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *map(str, command)]

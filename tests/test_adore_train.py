@@ -1,6 +1,6 @@
 """adore/train.py and the training-time index of retrieve_utils on CPU: labels and appended positives on hand-built
 embeddings, the loss against ADORE's formula (the original adore/train.py) written with loops, the tensor index
-(fp32 and certified fast) against faiss, --metric_cut resolution, CLI runs (epoch folder, TensorBoard, frozen
+against faiss (bitwise, ties included), --metric_cut resolution, CLI runs (epoch folder, TensorBoard, frozen
 embeddings) and exact resume."""
 from __future__ import annotations
 
@@ -114,12 +114,12 @@ def test_micro_batch_loss_uses_the_train_mode_embeddings_for_retrieval(data):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The tensor index and the certified fast search
+# The tensor index
 # ---------------------------------------------------------------------------------------------------------------
 
 def tie_heavy_integers(n: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer vectors in [-500, 500] (bf16 rounds them, fp32 dot products of 8 of them are exact) with many
-    duplicate documents and queries equal to a duplicated document: ties everywhere."""
+    """Integer vectors in [-500, 500] (fp32 dot products of 8 of them are exact) with many duplicate documents and
+    queries equal to a duplicated document: ties everywhere."""
     rng = np.random.default_rng(seed)
     docs = rng.integers(-500, 501, size=(n, 8)).astype(np.float32)
     docs[rng.integers(0, n, size=n // 3)] = docs[3]
@@ -129,36 +129,13 @@ def tie_heavy_integers(n: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 @pytest.mark.parametrize("k", [1, 10, 100, 599, 600, 650])
-def test_tensor_index_fp32_and_fast_equal_faiss_bitwise_with_ties(k):
+def test_tensor_index_equals_faiss_bitwise_with_ties(k):
     docs, queries = tie_heavy_integers(600, 30, seed=k)
     ref_scores, ref_ids = ru.FlatIPIndex(docs).search(queries, k, desc=None)
-    fallbacks = {}
-    for precision, margin in (("fp32", None), ("fast", None), ("fast", 0), ("fast", 5)):
-        index = ru.TensorIPIndex(docs, "cpu", precision, margin=margin, chunk_bytes=5000)  # ~100-row chunks
-        scores, ids = index.search(queries, k, batch_size=7)
-        np.testing.assert_array_equal(ids, ref_ids, err_msg=f"{precision} margin {margin}")
-        np.testing.assert_array_equal(scores, ref_scores, err_msg=f"{precision} margin {margin}")
-        fallbacks[(precision, margin)] = index.fallbacks
-    if k <= 100:  # with no margin, ties at the k-th score cannot be certified: the fp32 fallback must run
-        assert fallbacks[("fast", 0)] > 0
-
-
-def test_fast_search_on_real_values_certifies_most_queries_and_matches_fp32():
-    rng = np.random.default_rng(0)
-    docs = rng.standard_normal((4000, 32), dtype=np.float32)
-    queries = rng.standard_normal((64, 32), dtype=np.float32)
-    ref_scores, ref_ids = ru.FlatIPIndex(docs).search(queries, 50, desc=None)
-    fast = ru.TensorIPIndex(docs, "cpu", "fast", chunk_bytes=100_000)
-    scores, ids = fast.search(queries, 50)
+    index = ru.TensorIPIndex(docs, "cpu", chunk_bytes=5000)  # ~100-row chunks
+    scores, ids = index.search(queries, k, batch_size=7)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
-    assert fast.queries_searched == 64 and fast.fallbacks < 8
-    # the certificate's bound really bounds |bf16 score − fp32 score| for every document
-    q = torch.from_numpy(queries)
-    reduced = (q.bfloat16().double() @ fast.reduced.double().T)
-    exact = (fast.vectors.double()[None] * q.double()[:, None]).sum(-1)
-    slack = fast.error_bound(q)[:, None] - (reduced - exact).abs().numpy()
-    assert (slack > 0).all()
+    np.testing.assert_array_equal(scores, ref_scores)
 
 
 def test_training_index_backends_search_and_gather_alike(tmp_path):
@@ -167,22 +144,19 @@ def test_training_index_backends_search_and_gather_alike(tmp_path):
     rng.standard_normal((300, DIM), dtype=np.float32).tofile(path)
     docs = ru.open_embeddings(path, dim=DIM)
     faiss_index = ru.build_training_index(docs)
-    assert isinstance(faiss_index.searcher, ru.FlatIPIndex) and faiss_index.fallback_stats is None
+    assert isinstance(faiss_index.searcher, ru.FlatIPIndex)
     tensor_index = ru.build_training_index(docs, backend="tensor")
-    fast_index = ru.build_training_index(docs, precision="fast")  # auto + fast → a CPU tensor
-    assert isinstance(fast_index.searcher, ru.TensorIPIndex) and fast_index.fallback_stats == (0, 0)
+    assert isinstance(tensor_index.searcher, ru.TensorIPIndex)
     q = torch.from_numpy(rng.standard_normal((5, DIM), dtype=np.float32))
-    results = [i.search(q, 20) for i in (faiss_index, tensor_index, fast_index)]
+    results = [i.search(q, 20) for i in (faiss_index, tensor_index)]
     for scores, ids in results[1:]:
         np.testing.assert_array_equal(ids, results[0][1])
         np.testing.assert_allclose(scores, results[0][0], rtol=1e-5, atol=1e-5)
     ids = results[0][1]
-    for index in (faiss_index, tensor_index, fast_index):
+    for index in (faiss_index, tensor_index):
         gathered = index.gather(ids, "cpu")
         assert gathered.dtype == torch.float32 and gathered.shape == (5, 20, DIM)
         np.testing.assert_array_equal(gathered.numpy(), np.asarray(docs)[ids])
-    with pytest.raises(InputError):
-        ru.build_training_index(docs, backend="faiss", precision="fast")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,17 +208,14 @@ def test_cli_run_writes_epoch_folder_and_tensorboard_and_keeps_embeddings(data, 
     assert [v for _, v in scalars["lr"]] == pytest.approx([1e-5, 2e-5, 3e-5])
 
 
-def test_faiss_tensor_and_fast_backends_train_identically(data, tmp_path):
-    runs = {"faiss": (), "tensor": ("--index_on_model_device",),
-            "fast": ("--search_precision", "fast", "--search_margin", "2")}
+def test_faiss_and_tensor_backends_train_identically(data, tmp_path):
+    runs = {"faiss": (), "tensor": ("--index_on_model_device",)}
     weights = {}
     for name, extra in runs.items():
         adore_train.main(adore_cli_args(data, tmp_path / name, "--max_steps", "2", *extra))
         weights[name] = load_weights(tmp_path / name / "checkpoint-2")
-    for name in ("tensor", "fast"):
-        for key, value in weights["faiss"].items():
-            assert torch.equal(value, weights[name][key]), (name, key)
-    assert "train/search_fallback_rate" in read_scalars(tmp_path / "fast" / "log")
+    for key, value in weights["faiss"].items():
+        assert torch.equal(value, weights["tensor"][key]), key
 
 
 @pytest.mark.parametrize("batch,accum,stop,total", [(4, 1, 2, 5), (2, 2, 3, 4)])

@@ -65,7 +65,6 @@ BAD = [
     ("adore.train", "--max_seq_length", "0"), ("adore.train", "--metric_cut", "0"), ("adore.train", "--neg_topk", "0"),
     ("adore.train", "--per_gpu_batch_size", "0"), ("adore.train", "--model_gpu_index", "-1"),
     ("adore.train", "--faiss_gpu_index", "-1"), ("adore.train", "--faiss_omp_num_threads", "0"),
-    ("adore.train", "--search_margin", "-1"),
     ("star.inference", "--max_query_length", "0"), ("star.inference", "--max_doc_length", "0"),
     ("star.inference", "--eval_batch_size", "0"),
     ("star.prepare_hardneg", "--max_query_length", "0"), ("star.prepare_hardneg", "--max_doc_length", "-1"),
@@ -86,9 +85,8 @@ EDGES = [
                     "--local_rank", "-1"],
      {"save_steps": 0, "save_total_limit": 0, "max_steps": -1, "max_grad_norm": -1.0, "num_train_epochs": 0.0,
       "adam_beta1": 0.0, "seed": 2 ** 32 - 1, "local_rank": -1}),
-    ("adore.train", ["--search_margin", "0", "--model_gpu_index", "0", "--faiss_gpu_index", "0", "1",
-                     "--metric_cut", "1"],
-     {"search_margin": 0, "model_gpu_index": 0, "faiss_gpu_index": [0, 1], "metric_cut": 1}),
+    ("adore.train", ["--model_gpu_index", "0", "--faiss_gpu_index", "0", "1", "--metric_cut", "1"],
+     {"model_gpu_index": 0, "faiss_gpu_index": [0, 1], "metric_cut": 1}),
     ("preprocess", ["--max_seq_length", "2", "--max_query_length", "2", "--data_type", "0"],
      {"max_seq_length": 2, "max_query_length": 2, "data_type": 0}),
     ("msmarco_eval", ["--rel_threshold", "-1", "--max_rank", "1"], {"rel_threshold": -1, "max_rank": 1}),
@@ -204,7 +202,6 @@ def test_searches_with_a_huge_k_return_each_row_once_and_no_padding(one_thread):
         "streamed": ru.streamed_search(docs, queries, huge, block_rows=16, desc=None),
         "exact_search": ru.exact_search(docs, queries, huge, desc=None),
         "tensor fp32": ru.TensorIPIndex(docs).search(queries, huge),
-        "tensor fast, huge margin": ru.TensorIPIndex(docs, precision="fast", margin=huge).search(queries, huge),
         "training index": ru.build_training_index(docs, "tensor").search(queries, huge),
     }
     for name, (scores, ids) in results.items():
@@ -293,14 +290,14 @@ def test_star_train_with_absurd_sizes_trains_within_the_data(tmp_path, one_threa
 
 
 def test_adore_train_with_absurd_sizes_trains_within_the_data(tmp_path, one_thread):
-    """K, the fast search margin, the metric cut, the query length and the batch at 10**12."""
+    """K, the metric cut, the query length and the batch at 10**12."""
     from adore import train as adore_train
 
     data = make_adore_data(tmp_path)
     out = tmp_path / "out"
     adore_train.main(adore_cli_args(data, out, "--max_steps", "1", "--neg_topk", HUGE, "--metric_cut", HUGE,
                                     "--max_seq_length", HUGE, "--per_gpu_batch_size", HUGE, "--index_backend",
-                                    "tensor", "--search_precision", "fast", "--search_margin", HUGE))
+                                    "tensor"))
     assert (out / "checkpoint-1").is_dir()
 
 

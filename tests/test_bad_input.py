@@ -376,11 +376,12 @@ def test_run_cli_refuses_several_torchrun_processes_unless_the_command_splits_it
     assert calls == [[], []]
 
 
-@pytest.mark.parametrize("module", ["adore.train", "star.inference"])
-def test_commands_started_by_torchrun_refuse_before_any_work(tmp_path, module):
-    """The issue's findings: adore.train ran two duplicate copies, star.inference had every rank encode the whole
-    corpus into the same memmap."""
+@pytest.mark.parametrize("command", [["-m", "preprocess"], ["-m", "cvt_back"],
+                                     ["-m", "star.prepare_hardneg", "--data_type", "passage", "--run_file", "run.tsv"]])
+def test_commands_started_by_torchrun_refuse_before_any_work(tmp_path, command):
+    """Commands whose work does not split over processes (the inference drivers and both trainers do) refuse
+    instead of running it once per rank into the same files; mining from a run file is one of them."""
     torchrun = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
-    result = run_cli(["-m", module, "--output_dir", tmp_path / "out"], timeout=300, env=torchrun)
+    result = run_cli([*command, "--output_dir", tmp_path / "out"], timeout=300, env=torchrun)
     assert_one_error(result, "torchrun started 2")
     assert not (tmp_path / "out").exists()

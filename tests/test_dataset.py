@@ -404,3 +404,19 @@ def test_token_meta_fields_are_checked_and_named(tmp_path, meta, field):
     with pytest.raises(InputError, match=f"token meta file lacks an? {field}") as e:
         TokenIdsCache(tmp_path, "passages")
     assert e.value.path == str(tmp_path / "passages_meta")
+
+
+@pytest.mark.parametrize("max_len", [3, 6, 50])
+def test_padded_batch_equals_collating_the_items_one_by_one(tmp_path, max_len):
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(4, 99, int(n)).tolist() + [2] for n in rng.integers(1, 9, 30)]
+    write_token_rows(tmp_path, "passages", rows, width=9)
+    dataset = SequenceDataset(TokenIdsCache(tmp_path, "passages"), max_len, offsets=[5, 2, 29, 2, 7, 11, 0])
+    indices = np.array([3, 0, 6, 1, 4, 2])  # any order, an offset twice
+    collator = SequenceCollator(max_len, pad_token_id=1, padding=False, full_pad_batches=0)
+    expected, expected_ids = collator([dataset[i] for i in indices])
+    batch, ids = dataset.padded_batch(indices, pad_token_id=1)
+    assert ids.tolist() == expected_ids
+    for key in ("input_ids", "attention_mask"):
+        assert batch[key].dtype == expected[key].dtype and torch.equal(batch[key], expected[key])
+    assert (batch["input_ids"][:, -1] != 1).any()  # the longest row reaches the last column

@@ -158,3 +158,18 @@ def test_export_refuses_a_model_without_tokenizer_and_explains_its_flags(tmp_pat
                               "--output_dir", tmp_path / "st"]), "already exists", "--overwrite")
     help_text = run_cli(["-m", "export_sentence_transformers", "--help"]).stdout
     assert all(flag in help_text for flag in ("--model_dir", "--output_dir", "--tokenizer_dir", "--overwrite"))
+
+
+def test_export_reads_a_tokenizer_folder_whose_files_name_no_tokenizer_class(tmp_path, shared_dir):
+    """roberta-base's tokenizer files (vocab.json, merges.txt, a tokenizer_config.json naming no class): the export
+    loads them beside the model's config.json, which names the model type."""
+    from transformers import RobertaConfig
+
+    config = RobertaConfig(vocab_size=50265, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    DenseEncoder.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer = shared_dir / "data" / "roberta-base-tokenizer"
+    out = est.export(tmp_path / "model", tmp_path / "st", 32, tokenizer_dir=tokenizer)
+    assert json.loads((out / "sentence_bert_config.json").read_text())["do_lower_case"]  # as 2.8's preprocessing
+    assert AutoTokenizer.from_pretrained(str(out))(TEXTS).input_ids == \
+        AutoTokenizer.from_pretrained(str(tokenizer), use_fast=True)(TEXTS).input_ids

@@ -3,6 +3,7 @@ the same global batch, stop-and-resume equals an uninterrupted run, and CLI smok
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,79 @@ def test_stop_and_resume_equals_uninterrupted_run(data, tmp_path, batch, accum, 
     interrupted = load_weights(tmp_path / "resumed" / f"checkpoint-{stop}")
     assert any(not torch.equal(straight[k], interrupted[k]) for k in straight)
 
+
+
+@pytest.mark.parametrize("precision", [[], ["--fp16"]], ids=["fp32", "fp16"])
+def test_read_ahead_batches_and_multi_tensor_lamb_train_like_the_plain_loop(data, tmp_path, monkeypatch, precision):
+    """The default run (batches collated in a background thread, multi-tensor Lamb) against the plain loop
+    (batches collated on the main thread by the DataLoader, Lamb one parameter at a time): the same weights bit
+    for bit after 8 steps over 3 epochs with dropout, gradient accumulation and the 10 full-padded batches (CPU
+    fp32, and fp16 autocast with its GradScaler)."""
+    import functools
+
+    import optim_utils
+    import train_utils as tu
+    from star import train as star_train
+
+    args = ("--max_steps", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "5e-2",
+            "--warmup_steps", "2", *precision)
+    star_train.main(star_cli_args(data, tmp_path / "default", "star", *args, batch=2))
+    with monkeypatch.context() as m:
+        m.setattr(star_train, "PrefetchedEpochData", tu.EpochData)
+        m.setattr(optim_utils, "Lamb", functools.partial(optim_utils.Lamb, foreach=False))
+        star_train.main(star_cli_args(data, tmp_path / "plain", "star", *args, batch=2))
+    default, plain = load_weights(tmp_path / "default"), load_weights(tmp_path / "plain")
+    init = load_weights(data["init"])
+    assert any(not torch.equal(default[k], init[k]) for k in default)
+    for k in default:
+        assert torch.equal(default[k], plain[k]), k
+    assert read_scalars(tmp_path / "default" / "log")["loss"] == read_scalars(tmp_path / "plain" / "log")["loss"]
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_step_reads_no_tensor_value_but_the_grad_scalers(data_no_dropout, monkeypatch, fp16):
+    """One STAR step (forward, loss, backward, clipping, Lamb, schedule) reads no tensor value on the host in our
+    code (a GPU would wait there): fp32 none, fp16 only the GradScaler's inf check.  Counted through the Tensor
+    methods that read values (transformers' attention-mask check, one per encoder call, left aside)."""
+    import traceback
+
+    import train_utils as tu
+    from dataset import TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel
+    from model import DenseEncoder
+    from star.train import BatchEncoder, accumulate_gradients
+
+    d = data_no_dropout
+    rel = load_rel(d["pre"] / "train-qrel.tsv")
+    ds = TrainInbatchWithHardDataset(rel, TokenIdsCache(d["pre"], "train-query"), TokenIdsCache(d["pre"], "passages"),
+                                     6, 10, 42, hardneg=load_hardneg(d["hard"]), hard_num=2)
+    batch = TrainCollator(6, 10, rel)([ds[i] for i in range(4)])
+    model = DenseEncoder.from_pretrained(d["init"]).train()
+    encoder = BatchEncoder(model)
+    optimizer = tu.build_optimizer("lamb", tu.param_groups(model, 0.01), 1e-3)
+    scheduler = tu.linear_schedule(optimizer, 2, 10)
+    scaler = tu.make_grad_scaler(torch.device("cpu"), fp16)
+
+    def step() -> torch.Tensor:
+        loss = accumulate_gradients(encoder, [batch], 1, "star", rel, torch.device("cpu"), scaler, fp16=fp16)
+        tu.optimizer_step(list(model.parameters()), optimizer, scheduler, scaler, 1.0)
+        return loss
+
+    def counting(name: str, original):
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if "transformers" not in caller.filename:
+                reads.append((name, Path(caller.filename).name))
+            return original(self, *args, **kwargs)
+        return read
+
+    step()
+    reads: list = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    loss = step()
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and (fp16 or scheduler.last_epoch == 2)   # fp16 may skip a step on inf
+    assert reads == ([("item", "grad_scaler.py")] if fp16 else [])
 
 # -- DDP ------------------------------------------------------------------------------------------------------
 

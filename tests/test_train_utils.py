@@ -80,6 +80,87 @@ def test_lamb_zero_gradient_keeps_ratio_one_and_does_not_move():
     assert opt.state[p]["trust_ratio"].item() == 1.0
 
 
+
+def test_lamb_first_step_by_hand():
+    """eps 0, betas (0.9, 0.99): step 1 gives m = 0.1·g, √v = 0.1·|g|, so u = sign(g) and ‖u‖ = √2 for two
+    elements; the ratio is ‖p‖ (clamped to 10) / √2, so p moves by lr·‖p‖/√2 per element."""
+    lr = 2 ** 0.5 / 100
+    small = torch.nn.Parameter(torch.tensor([3.0, 4.0]))      # ‖p‖ 5: ratio 5/√2, moves 0.05
+    large = torch.nn.Parameter(torch.tensor([9.0, 12.0]))     # ‖p‖ 15, clamped to 10: moves 0.1
+    zero = torch.nn.Parameter(torch.zeros(2))                 # ‖p‖ 0: ratio 1, moves lr
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(q.detach().clone()) for q in (small, large, zero)]
+        opt = tu.Lamb(params, lr=lr, betas=(0.9, 0.99), eps=0.0, foreach=foreach)
+        for q in params:
+            q.grad = torch.tensor([1.0, -2.0])
+        opt.step()
+        expected = [[2.95, 4.05], [8.9, 12.1], [-lr, lr]]
+        for q, e in zip(params, expected):
+            np.testing.assert_allclose(q.detach().numpy(), e, rtol=1e-6, atol=1e-7)
+        assert [opt.state[q]["trust_ratio"].item() for q in params] == pytest.approx([5 / 2 ** 0.5, 10 / 2 ** 0.5, 1])
+
+
+def _lamb_run(model, foreach: bool, steps: int, adam: bool = False, chunk_numel: int = 1 << 26):
+    """``steps`` Lamb steps on the tiny encoder's two parameter groups with seeded random gradients (every third
+    step the word embeddings have none, so their state stays behind); returns the optimizer."""
+    opt = tu.Lamb(tu.param_groups(model, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, adam=adam, foreach=foreach,
+                  chunk_numel=chunk_numel)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        for name, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 0.1
+            if step % 3 == 2 and "word_embeddings" in name:
+                p.grad = None
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("adam,chunk_numel", [(False, 1 << 26), (False, 3000), (True, 1 << 26)])
+def test_lamb_multi_tensor_equals_the_per_parameter_update_bitwise(adam, chunk_numel):
+    """The default multi-tensor path (torch._foreach_*) against the per-parameter loop (foreach=False), 7 steps
+    on the tiny encoder (its 39 parameters, two groups, one zero-norm bias start): weights and every state entry
+    equal bit for bit on the CPU (tolerance 0).  chunk_numel 3000 splits the groups into many chunks."""
+    torch.manual_seed(0)
+    reference = tiny_encoder()
+    fast = tiny_encoder()
+    fast.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        reference.norm.weight.mul_(30)                    # one parameter with ‖p‖ > 10: the clamp
+        fast.norm.weight.mul_(30)
+    assert reference.norm.weight.norm() > 10
+    assert any(p.norm() == 0 for p in reference.parameters())    # biases start at zero: ratio 1
+    ref_opt = _lamb_run(reference, False, 7, adam)
+    fast_opt = _lamb_run(fast, True, 7, adam, chunk_numel)
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.equal(p, q), name
+        s, t = ref_opt.state[p], fast_opt.state[q]
+        assert s.keys() == t.keys() and s["step"] == t["step"], name
+        for key in ("exp_avg", "exp_avg_sq", "weight_norm", "adam_norm", "trust_ratio"):
+            assert torch.equal(s[key], t[key]), (name, key)
+    embeddings = fast.roberta.embeddings.word_embeddings.weight
+    assert fast_opt.state[embeddings]["step"] == 5          # no gradient on steps 3 and 6
+    assert not torch.equal(embeddings, tiny_encoder().roberta.embeddings.word_embeddings.weight)
+
+
+def test_lamb_state_saves_and_loads_with_either_path(tmp_path):
+    """A multi-tensor Lamb's state_dict loads into a per-parameter one and they continue identically."""
+    torch.manual_seed(0)
+    a, b = tiny_encoder(), tiny_encoder()
+    b.load_state_dict(a.state_dict())
+    opt_a = _lamb_run(a, True, 2)
+    torch.save(opt_a.state_dict(), tmp_path / "opt.pt")
+    opt_b = tu.Lamb(tu.param_groups(b, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        q.data.copy_(p.data)
+    opt_b.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for opt, model in ((opt_a, a), (opt_b, b)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 # -- groups, optimizer, schedule ----------------------------------------------------------------------------
 
 def test_param_groups_exclude_bias_and_LayerNorm_weight_but_decay_head_norm():
@@ -174,6 +255,57 @@ def test_sampler_drops_a_last_global_batch_smaller_than_the_world():
 
 
 # -- RNG and checkpoints ------------------------------------------------------------------------------------
+
+def test_background_iterator_yields_the_same_items_in_order_and_reraises_errors_in_place():
+    import itertools
+    import threading
+
+    from batch_plan import BackgroundIterator
+
+    calls = []
+
+    def source(n, fail_at=None):
+        for i in range(n):
+            calls.append((i, threading.current_thread().name))
+            if i == fail_at:
+                raise InputError("bad item", value=i)
+            yield {"i": i, "t": torch.full((2,), i)}
+
+    items = BackgroundIterator(source(7), depth=2)
+    first = list(itertools.islice(items, 3))                       # as run_steps reads a step's micro-batches
+    rest = list(items)
+    assert [x["i"] for x in first + rest] == list(range(7)) and torch.equal(rest[-1]["t"], torch.full((2,), 6))
+    assert [i for i, _ in calls] == list(range(7)) and {t for _, t in calls} == {"batch-prefetch"}
+    assert next(items, None) is None                               # exhausted stays exhausted
+    failing = BackgroundIterator(source(5, fail_at=3))
+    assert [next(failing)["i"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(InputError, match="bad item"):
+        next(failing)
+    with pytest.raises(ValueError):
+        BackgroundIterator(source(1), depth=0)
+
+
+def test_background_iterator_close_stops_reading_ahead():
+    import itertools
+    import time
+
+    from batch_plan import BackgroundIterator
+
+    read = []
+
+    def endless():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    items = BackgroundIterator(endless(), depth=2)
+    assert next(items) == 0
+    time.sleep(0.2)
+    items.close()
+    assert not items._thread.is_alive()
+    assert len(read) <= 1 + 2 + 1                                  # the one taken, the queue, the one held
+    assert next(items, None) is None
+
 
 def test_rng_state_round_trip():
     import random
@@ -277,6 +409,32 @@ def test_optimizer_step_clips_and_steps_schedule():
     assert norm.item() == pytest.approx(6.0)
     np.testing.assert_allclose(p.detach().numpy(), -np.full(4, 0.5), rtol=1e-6)
     assert p.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.9)
+
+
+def test_optimizer_step_fp16_skips_the_step_and_the_schedule_on_inf_without_reading_the_scale():
+    """fp16: an inf gradient skips the optimizer and the schedule and halves the scale; a finite one steps both.
+    The only host read is the GradScaler's own inf check (counted through Tensor.item)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = tu.linear_schedule(opt, warmup_steps=0, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))                            # creates the scale, as scaling the loss does
+    items = []
+    item = torch.Tensor.item
+
+    def counting_item(self):
+        items.append(1)
+        return item(self)
+
+    p.grad = torch.tensor([float("inf"), 1.0])
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(torch.Tensor, "item", counting_item)
+        tu.optimizer_step([p], opt, sched, scaler, 0.0)
+    assert len(items) == 1
+    assert torch.equal(p.detach(), torch.ones(2)) and sched.last_epoch == 0 and scaler.get_scale() == 2.0
+    p.grad = torch.tensor([2.0, 2.0])                       # unscaled by 2: 1.0 each
+    tu.optimizer_step([p], opt, sched, scaler, 0.0)
+    assert torch.equal(p.detach(), torch.zeros(2)) and sched.last_epoch == 1
 
 
 def test_autocast_contexts_keep_fp32_where_asked():

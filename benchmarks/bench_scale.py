@@ -1,0 +1,168 @@
+"""Scale-out on one machine: corpus encoding and exact search with 1 process versus N torchrun processes (gloo on
+the CPU), on the same data and the same cores.
+
+Rows, each timed inside the processes (start-up and model loading excluded):
+
+* ``encode``: ``inference_pipeline.encode_split`` of the passages — one process with all the cores' threads, or
+  each rank its shard (balanced by tokens) with ``cores / N`` threads, then rank 0 assembles the shards;
+* ``search``: ``inference_pipeline.rank_queries`` — one process over the whole corpus, or each rank its rows
+  followed by rank 0's merge and the rank file.
+
+The N-process files are compared with the one-process files (byte identity per file; the embeddings' largest
+difference: with other thread counts per process the matrix products may round differently — the tests, one
+thread everywhere, find them byte-identical).  The data: real MS MARCO passages
+from ``../shared`` (the DL19 judged subset), tokenized with the roberta-base tokenizer and repeated up to
+``--passages``, a randomly initialised MiniLM-sized BERT (6 x 384), and random query / document vectors for the
+search (``--search_docs`` x 384, ``--queries`` queries, top ``--topk``).
+
+    python benchmarks/bench_scale.py [--nproc 2 --passages 6000 --search_docs 400000 --queries 2000 --topk 100]
+
+Prints one table and writes ``--json`` (default ``bench_scale.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SUBSET = SHARED / "msmarco-passage-dl19-judged-subset" / "collection.tsv.gz"
+ROBERTA_TOKENIZER = SHARED / "roberta-base-tokenizer"
+DIM = 384
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes to compare with one")
+    parser.add_argument("--passages", type=int, default=6000, help="passages to encode")
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64, help="encoding batch (rows)")
+    parser.add_argument("--search_docs", type=int, default=400000, help="document vectors to search")
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--json", default="bench_scale.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a data folder: time one configuration there
+    return parser
+
+
+def prepare(folder: Path, args: argparse.Namespace) -> None:
+    """Token memmaps of real passages, a random encoder, random search vectors."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from transformers import AutoTokenizer, BertConfig
+
+    from model import DenseEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
+    with gzip.open(SUBSET, "rt", encoding="utf-8") as f:
+        texts = [line.rstrip("\n").split("\t", 1)[1] for line in f]
+    token_ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    token_ids = [token_ids[i % len(token_ids)] for i in range(args.passages)]
+    pre = folder / "preprocess"
+    pre.mkdir(parents=True)
+    ids = np.zeros((len(token_ids), args.max_length), np.int32)
+    for row, seq in enumerate(token_ids):
+        ids[row, :len(seq)] = seq
+    ids.tofile(pre / "passages.memmap")
+    np.save(pre / "passages_length.npy", np.array([len(s) for s in token_ids], np.int32))
+    (pre / "passages_meta").write_text(json.dumps({"type": "int32", "total_number": len(token_ids),
+                                                   "embedding_size": args.max_length}))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=DIM, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=4 * DIM, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+    DenseEncoder.from_config(config).save_pretrained(folder / "model")
+    rng = np.random.default_rng(0)
+    rng.standard_normal((args.search_docs, DIM), dtype=np.float32).tofile(folder / "docs.f32")
+    rng.standard_normal((args.queries, DIM), dtype=np.float32).tofile(folder / "queries.f32")
+
+
+def worker(folder: Path, out: Path, args: argparse.Namespace) -> None:
+    """Time the encode and the search of one configuration (one process, or one torchrun rank)."""
+    sys.path.insert(0, str(REPO))
+    import faiss
+    import torch
+
+    import inference_pipeline as ip
+    from dist_utils import barrier, cleanup_distributed
+
+    threads = int(os.environ["BENCH_THREADS"])
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    placement = ip.resolve_placement(argparse.Namespace(no_cuda=True, shard_id=None, num_shards=None))
+    model, model_id, pad = ip.load_encoder(folder / "model")
+    timings = {}
+    barrier()
+    start = time.perf_counter()
+    ip.encode_split(model, model_id, folder / "preprocess", "passages", args.max_length, out / "passages.memmap",
+                    batch_size=args.batch, device=placement.device, pad_token_id=pad, placement=placement)
+    barrier()
+    timings["encode"] = time.perf_counter() - start
+    docs = np.memmap(folder / "docs.f32", np.float32, mode="r").reshape(-1, DIM)
+    queries = np.fromfile(folder / "queries.f32", np.float32).reshape(-1, DIM)
+    barrier()
+    start = time.perf_counter()
+    ip.rank_queries(docs, queries, args.topk, out / "dev.rank.tsv", placement, with_scores=True)
+    barrier()
+    timings["search"] = time.perf_counter() - start
+    if placement.is_main:
+        (out / "timings.json").write_text(json.dumps(timings))
+    cleanup_distributed()
+
+
+def run_configuration(folder: Path, out: Path, nproc: int, threads: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", str(folder), "--json", str(out), "--passages", str(args.passages),
+               "--max_length", str(args.max_length), "--batch", str(args.batch), "--topk", str(args.topk)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   *command[1:]]
+    env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return json.loads((out / "timings.json").read_text())
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.worker:
+        worker(Path(args.worker), Path(args.json), args)
+        return
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(folder, args)
+        one = run_configuration(folder, folder / "one", 1, cores, args)
+        many = run_configuration(folder, folder / "many", args.nproc, max(1, cores // args.nproc), args)
+        identical = {name: file_digest(folder / "one" / name) == file_digest(folder / "many" / name)
+                     for name in ("passages.memmap", "dev.rank.tsv")}
+        embeddings = [np.fromfile(folder / run / "passages.memmap", np.float32) for run in ("one", "many")]
+        max_diff = float(np.abs(embeddings[0] - embeddings[1]).max())
+    rows = [{"stage": stage, "one_process_s": one[stage], f"{args.nproc}_processes_s": many[stage],
+             "speedup": one[stage] / many[stage]} for stage in ("encode", "search")]
+    print(f"{cores} cores; 1 process x {cores} threads vs {args.nproc} torchrun processes x "
+          f"{max(1, cores // args.nproc)} threads (gloo); byte-identical: {identical}; embeddings max abs "
+          f"difference {max_diff:.3g} (other thread counts may round matrix products differently)")
+    print(f"{'stage':<8} {'1 process (s)':>14} {f'{args.nproc} processes (s)':>16} {'speed-up':>9}")
+    for row in rows:
+        print(f"{row['stage']:<8} {row['one_process_s']:>14.2f} {row[f'{args.nproc}_processes_s']:>16.2f} "
+              f"{row['speedup']:>8.2f}x")
+    Path(args.json).write_text(json.dumps({"cores": cores, "nproc": args.nproc, "passages": args.passages,
+                                           "search_docs": args.search_docs, "queries": args.queries,
+                                           "topk": args.topk, "byte_identical": identical,
+                                           "embeddings_max_abs_difference": max_diff, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
