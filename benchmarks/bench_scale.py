@@ -8,9 +8,10 @@ Rows, each timed inside the processes (start-up and model loading excluded):
 * ``search``: ``inference_pipeline.rank_queries`` — one process over the whole corpus, or each rank its rows
   followed by rank 0's merge and the rank file.
 
-The N-process files are compared with the one-process files (byte identity per file; the embeddings' largest
-difference: with other thread counts per process the matrix products may round differently — the tests, one
-thread everywhere, find them byte-identical).  The data: real MS MARCO passages
+Three configurations on the same cores: A = one process with every core's thread, B = one process with
+``cores / N`` threads, C = N torchrun processes with ``cores / N`` threads each; A/C is the speed-up on the same
+machine, B/C the speed-up per process.  C's files are compared with B's (the same threads per process: expected
+byte-identical) and A's (other thread counts may round the matrix products differently).  The data: real MS MARCO passages
 from ``../shared`` (the DL19 judged subset), tokenized with the roberta-base tokenizer and repeated up to
 ``--passages``, a randomly initialised MiniLM-sized BERT (6 x 384), and random query / document vectors for the
 search (``--search_docs`` x 384, ``--queries`` queries, top ``--topk``).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import subprocess
@@ -130,8 +130,13 @@ def run_configuration(folder: Path, out: Path, nproc: int, threads: int, args: a
     return json.loads((out / "timings.json").read_text())
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def compare_outputs(a: Path, b: Path) -> dict:
+    """How the files of two runs differ: byte identity of each, and for the rank files the share of equal ids and
+    the largest score difference."""
+    same = {name: (a / name).read_bytes() == (b / name).read_bytes() for name in ("passages.memmap", "dev.rank.tsv")}
+    runs = [np.loadtxt(folder / "dev.rank.tsv", dtype=np.float64, ndmin=2) for folder in (a, b)]
+    return {"byte_identical": same, "rank_ids_equal": float((runs[0][:, 1] == runs[1][:, 1]).mean()),
+            "max_score_difference": float(np.abs(runs[0][:, 3] - runs[1][:, 3]).max())}
 
 
 def main() -> None:
@@ -140,28 +145,32 @@ def main() -> None:
         worker(Path(args.worker), Path(args.json), args)
         return
     cores = os.cpu_count() or 1
+    per_process = max(1, cores // args.nproc)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(folder, args)
-        one = run_configuration(folder, folder / "one", 1, cores, args)
-        many = run_configuration(folder, folder / "many", args.nproc, max(1, cores // args.nproc), args)
-        identical = {name: file_digest(folder / "one" / name) == file_digest(folder / "many" / name)
-                     for name in ("passages.memmap", "dev.rank.tsv")}
-        embeddings = [np.fromfile(folder / run / "passages.memmap", np.float32) for run in ("one", "many")]
-        max_diff = float(np.abs(embeddings[0] - embeddings[1]).max())
-    rows = [{"stage": stage, "one_process_s": one[stage], f"{args.nproc}_processes_s": many[stage],
-             "speedup": one[stage] / many[stage]} for stage in ("encode", "search")]
-    print(f"{cores} cores; 1 process x {cores} threads vs {args.nproc} torchrun processes x "
-          f"{max(1, cores // args.nproc)} threads (gloo); byte-identical: {identical}; embeddings max abs "
-          f"difference {max_diff:.3g} (other thread counts may round matrix products differently)")
-    print(f"{'stage':<8} {'1 process (s)':>14} {f'{args.nproc} processes (s)':>16} {'speed-up':>9}")
+        runs = {"one": run_configuration(folder, folder / "one", 1, cores, args),
+                "one_thin": run_configuration(folder, folder / "one_thin", 1, per_process, args),
+                "many": run_configuration(folder, folder / "many", args.nproc, per_process, args)}
+        versus_thin = compare_outputs(folder / "one_thin", folder / "many")
+        versus_one = compare_outputs(folder / "one", folder / "many")
+    rows = [{"stage": stage, "one_process_all_threads_s": runs["one"][stage],
+             "one_process_s": runs["one_thin"][stage], "n_processes_s": runs["many"][stage],
+             "speedup_same_cores": runs["one"][stage] / runs["many"][stage],
+             "speedup_per_process": runs["one_thin"][stage] / runs["many"][stage]} for stage in ("encode", "search")]
+    print(f"{cores} cores; A = 1 process x {cores} threads, B = 1 process x {per_process} threads, "
+          f"C = {args.nproc} torchrun processes (gloo) x {per_process} threads")
+    print(f"{'stage':<8} {'A (s)':>8} {'B (s)':>8} {'C (s)':>8} {'A/C':>7} {'B/C':>7}")
     for row in rows:
-        print(f"{row['stage']:<8} {row['one_process_s']:>14.2f} {row[f'{args.nproc}_processes_s']:>16.2f} "
-              f"{row['speedup']:>8.2f}x")
+        print(f"{row['stage']:<8} {row['one_process_all_threads_s']:>8.2f} {row['one_process_s']:>8.2f} "
+              f"{row['n_processes_s']:>8.2f} {row['speedup_same_cores']:>6.2f}x {row['speedup_per_process']:>6.2f}x")
+    for name, versus in (("C vs B (same threads per process)", versus_thin), ("C vs A", versus_one)):
+        print(f"{name}: byte-identical {versus['byte_identical']}, rank ids equal {versus['rank_ids_equal']:.4%}, "
+              f"largest score difference {versus['max_score_difference']:.3g}")
     Path(args.json).write_text(json.dumps({"cores": cores, "nproc": args.nproc, "passages": args.passages,
                                            "search_docs": args.search_docs, "queries": args.queries,
-                                           "topk": args.topk, "byte_identical": identical,
-                                           "embeddings_max_abs_difference": max_diff, "rows": rows}, indent=1))
+                                           "topk": args.topk, "rows": rows, "c_vs_b": versus_thin,
+                                           "c_vs_a": versus_one}, indent=1))
 
 
 if __name__ == "__main__":
