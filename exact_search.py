@@ -301,7 +301,8 @@ def add_search_args(parser: argparse.ArgumentParser, topk: int) -> None:
     parser.add_argument("--topk", type=ct.positive_int, default=topk,
                         help=f"results per query, at most the number of documents (default {topk})")
     parser.add_argument("--faiss_gpus", type=ct.non_negative_int, nargs="+", default=None,
-                        help="GPU ids for faiss (several: sharded index); CPU faiss if absent or unsupported")
+                        help="GPU ids for faiss (several: sharded index); without them CPU faiss, or on a CUDA "
+                             "device that faiss cannot use (faiss-cpu) the exact torch index on that GPU")
     parser.add_argument("--search_mem_gb", type=ct.positive_float, default=None,
                         help="RAM budget for CPU search, at most the machine's memory: larger embedding files are "
                              "searched streamed from disk (default: half of the available memory)")

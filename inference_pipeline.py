@@ -22,8 +22,8 @@ the embeddings exceed the memory budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -102,7 +102,7 @@ def add_query_and_corpus_args(parser: argparse.ArgumentParser, batch_size: int) 
 # Processes
 # ==============================================================================================================
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Placement:
     """Where this process works: ``device``, and its share ``shard`` of ``num_shards`` — torchrun's ranks
     (``torchrun``: they assemble and search together) or a ``--shard_id`` job (encodes its shard and stops)."""
@@ -242,11 +242,13 @@ def search_rows(docs: np.ndarray, queries: np.ndarray, k: int, device: torch.dev
 
 def rank_queries(docs: np.ndarray, queries: np.ndarray, k: int, rank_path: PathLike, placement: Placement,
                  gpus: Optional[Sequence[int]] = None, mem_gb: Optional[float] = None,
-                 with_scores: bool = False) -> Optional[np.ndarray]:
+                 with_scores: bool = False, cpu_only: bool = False) -> Optional[np.ndarray]:
     """The exact top-``k`` documents of every query (query offset = row), written by the main process as the rank
     file ``rank_path`` (:func:`exact_search.write_rank_file`, with the scores when ``with_scores``).  Under
-    torchrun each rank searches its rows and rank 0 merges (module docstring).  Returns the ids
-    ``int64 [nq, min(k, N)]`` on the main process, None on the others."""
+    torchrun each rank searches its rows and rank 0 merges (module docstring).  ``cpu_only``: CPU faiss, never a
+    GPU.  Returns the ids ``int64 [nq, min(k, N)]`` on the main process, None on the others."""
+    if cpu_only:
+        gpus, placement = [], dataclasses.replace(placement, device=torch.device("cpu"))
     if placement.torchrun:
         if gpus and placement.device.type == "cuda":  # faiss on this rank's own GPU
             gpus = [placement.device.index]

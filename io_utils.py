@@ -237,21 +237,42 @@ def refuse_torchrun() -> None:
 def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None, torchrun: bool = False) -> None:
     """Run a script's ``main(argv)``; user errors become one ``error:`` line and exit status 2.  Unless the
     script splits its work over processes (``torchrun``), a start by torchrun with several processes is refused
-    (:func:`refuse_torchrun`)."""
+    (:func:`refuse_torchrun`).  A process of a multi-process torchrun job that got this far leaves without the
+    interpreter's finalization (:func:`_exit_torchrun_process`)."""
+    status = _run_main(main, argv, torchrun)
+    if torchrun and env_int("WORLD_SIZE", 1) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun
+        _exit_torchrun_process(status)
+    if status:
+        raise SystemExit(status)
+
+
+def _run_main(main: Callable[..., Any], argv: Optional[list[str]], torchrun: bool) -> int:
+    """``main(argv)``'s exit status, user errors reported as one ``error:`` line (status 2)."""
     try:
         if not torchrun:
             refuse_torchrun()
         result = main(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        return 130
     except OSError as e:  # disk full, read-only location, file size limit
         if e.filename is None and e.errno is None:
             raise
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if isinstance(result, int):
-        raise SystemExit(result)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def _exit_torchrun_process(status: int) -> None:
+    """Flush the console and leave with ``status`` at once (``os._exit``).  After a gloo job's work is done and
+    its process group destroyed, gloo's worker threads can still hold tensors that the interpreter's
+    finalization frees without the GIL: the process then aborts (SIGABRT, "terminate called without an active
+    exception"; pytorch PR #179291) and torchrun reports the finished job as failed.  Every output is written
+    and closed before this point (atomic writes, closed TensorBoard writers, flushed memmaps)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -14,6 +14,10 @@ Two sources of rankings:
   are ordered by score as trec_eval does.  Lines naming ids the preprocessing does not know are skipped and
   counted.
 
+With the model source, ``torchrun --nproc_per_node N`` shares the encoding and the search among the ranks (rank 0
+mines and writes), and ``--shard_id K --num_shards N`` encodes one shard of the corpus per job
+(``inference_pipeline``); the run-file source runs as one process.
+
 Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives (``--topk`` below the corpus size).  Every
 qrels line counts as a positive (the grade is ignored, like the original's ``load_rel``).  A query left with fewer
 than ``topk`` is an error unless ``--fill_random`` (the default with ``--run_file``, as the original's first
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess_dir", help="preprocessed data (default ./data/{data_type}/preprocess)")
     parser.add_argument("--output_dir", help="output folder (default ./data/{data_type}/warmup_retrieve)")
     parser.add_argument("--not_faiss_cuda", action="store_true",
-                        help="search with CPU faiss (default: every GPU faiss sees, as the original)")
+                        help="search with CPU faiss (default: every GPU faiss sees, as the original; with faiss-cpu "
+                             "on a CUDA machine, the exact torch index on the encoding GPU)")
     ru.add_inference_args(parser, topk=200)
     source = parser.add_argument_group("external run file (no model)")
     source.add_argument("--run_file", help="take the rankings from this run instead of the model: MS MARCO "
@@ -323,7 +328,7 @@ def model_candidates(args: argparse.Namespace, paths: Paths, qoffsets: np.ndarra
             return None
         queries, passages = encoded
         ids = ru.rank_queries(passages, queries, args.topk + SEARCH_MARGIN, paths.rank, placement, faiss_gpus(args),
-                              args.search_mem_gb, args.with_scores)
+                              args.search_mem_gb, args.with_scores, cpu_only=args.not_faiss_cuda)
     finally:
         cleanup_distributed()
     return None if ids is None else ids[qoffsets]

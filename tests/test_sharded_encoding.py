@@ -142,7 +142,7 @@ def test_a_complete_file_leaves_the_shards_nothing_to_do(tmp_path, corpus):
     assert not ce.shard_path(out, 1, 2).exists()
 
 
-def test_search_on_a_cuda_device_without_faiss_gpus_uses_the_torch_index(monkeypatch):
+def test_search_on_a_cuda_device_without_faiss_gpus_uses_the_torch_index(monkeypatch, tmp_path):
     """#12 item 4: on a GPU that faiss cannot use (faiss-cpu), the inference search runs the exact torch index on
     that GPU (simulated here: the index is built on the CPU, the device asked for is recorded)."""
     import inference_pipeline as ip
@@ -168,6 +168,10 @@ def test_search_on_a_cuda_device_without_faiss_gpus_uses_the_torch_index(monkeyp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (docs.nbytes, 1 << 40))  # does not fit
     on_cpu = ip.search_rows(docs, queries, 5, torch.device("cuda", 0))
     assert len(asked) == 1 and np.array_equal(on_cpu[1], exact_search(docs, queries, 5)[1])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 40, 1 << 40))
+    ids = ip.rank_queries(docs, queries, 5, tmp_path / "dev.rank.tsv", ip.Placement(torch.device("cuda", 0)),
+                          cpu_only=True)  # prepare_hardneg --not_faiss_cuda
+    assert len(asked) == 1 and np.array_equal(ids, exact_search(docs, queries, 5)[1])
 
 
 def test_a_stale_whole_file_is_refused_by_the_shards_unless_overwrite(tmp_path, corpus):
