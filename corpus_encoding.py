@@ -3,7 +3,7 @@ its manifest), resumably, in the length-sorted batches of :mod:`encoding_plan`, 
 are assembled into the same file (:func:`encode_to_memmap`).
 
 An existing memmap is reused only when its manifest's identity (model, max length, rows, dim, dtype, precision,
-encoding order: :data:`IDENTITY_FIELDS`) equals the current run's.
+encoding order) equals the current run's.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from io_utils import InputError, PathLike, atomic_output, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FIELDS = ("model_id", "max_length", "n_rows", "dim", "dtype", "precision", "order_hash")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BLOCK_TARGET_ROWS = 4096          # rows per resumable encoding block (rounded to whole batches)
 TOKEN_BATCHING_BLOCK_ROWS = 65536  # the same with a token budget (batches of thousands of rows on a GPU)

@@ -42,7 +42,7 @@ from dist_utils import barrier, init_distributed
 from embedding_memmap import open_embeddings
 from io_utils import InputError, PathLike, env_int
 from model import DenseEncoder, model_identity
-from training_index import TENSOR_CHUNK_BYTES, TensorIPIndex
+from training_index import TENSOR_CHUNK_BYTES, TensorIPIndex, fits_on_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +231,9 @@ def search_rows(docs: np.ndarray, queries: np.ndarray, k: int, device: torch.dev
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` over ``docs`` (format of :mod:`exact_search`): faiss on ``gpus``; on a CUDA
     ``device`` that faiss cannot use, the torch index on that GPU when the rows fit; else CPU faiss."""
-    if not gpus and device.type == "cuda" and faiss_gpu_count() == 0:
-        free, _ = torch.cuda.mem_get_info(device)
-        if docs.nbytes + TENSOR_CHUNK_BYTES["cuda"] <= free:
-            return TensorIPIndex(docs, device).search(queries, k, desc="search")
-        logger.warning("the embeddings (%.1f GiB) do not fit on %s (%.1f GiB free): searching on the CPU",
-                       docs.nbytes / (1 << 30), device, free / (1 << 30))
+    if not gpus and device.type == "cuda" and faiss_gpu_count() == 0 and fits_on_gpu(
+            docs.nbytes, device, TENSOR_CHUNK_BYTES["cuda"], "for the scores"):
+        return TensorIPIndex(docs, device).search(queries, k, desc="search")
     return exact_search(docs, queries, k, gpus=gpus, mem_gb=mem_gb)
 
 

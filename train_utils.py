@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import cli_types as ct
-from batch_plan import GlobalBatchSampler, Progress, TrainingPlan, epoch_seed
+from batch_plan import BackgroundIterator, GlobalBatchSampler, Progress, TrainingPlan, epoch_seed
 from checkpoint_paths import (CHECKPOINT_PREFIX, TRAINER_STATE_NAME, checkpoint_step, latest_checkpoint,
                               list_checkpoints)
 from checkpoint_utils import (STATE_FORMAT_VERSION, checkpoint_to_resume, damaged_checkpoint, get_rng_state,
@@ -249,7 +249,10 @@ class TrainingRun:
 @dataclass
 class EpochData:
     """What the loop reads: a dataset, its :class:`GlobalBatchSampler` and collator, and the DataLoader settings.
-    A dataset whose items depend on the epoch (STAR's sampled negatives) has a ``set_epoch(epoch)`` method."""
+    A dataset whose items depend on the epoch (STAR's sampled negatives) has a ``set_epoch(epoch)`` method.
+    ``read_ahead`` > 0 without DataLoader workers: up to that many batches are collated ahead in a background
+    thread (:class:`batch_plan.BackgroundIterator`: the same batches in the same order) while the step runs; with
+    workers the DataLoader already reads ahead."""
 
     dataset: Dataset
     sampler: GlobalBatchSampler
@@ -257,6 +260,7 @@ class EpochData:
     seed: int
     num_workers: int = 0
     pin_memory: bool = False
+    read_ahead: int = 0
 
     def batches(self, plan: TrainingPlan, progress: Progress) -> Iterator[Any]:
         """The current epoch's micro-batches from ``progress`` on (the ones read before are skipped unread)."""
@@ -264,8 +268,11 @@ class EpochData:
             self.dataset.set_epoch(progress.epoch)
         self.sampler.set_epoch(progress.epoch, start_batch=plan.first_micro_batch(progress.step_in_epoch))
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, progress.epoch))  # not the global RNG
-        return iter(DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                               num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator))
+        batches = iter(DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                                  num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator))
+        if self.read_ahead and not self.num_workers:
+            return BackgroundIterator(batches, depth=self.read_ahead)
+        return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +352,7 @@ __all__ = [
     "NO_DECAY_PATTERNS", "OPTIMIZERS", "Lamb", "param_groups", "build_optimizer", "linear_schedule",
     "autocast_context", "fp32_context", "make_grad_scaler", "optimizer_step",
     # batch_plan
-    "Progress", "TrainingPlan", "epoch_seed", "GlobalBatchSampler",
+    "Progress", "TrainingPlan", "epoch_seed", "GlobalBatchSampler", "BackgroundIterator",
     # checkpoint_paths, checkpoint_utils
     "CHECKPOINT_PREFIX", "TRAINER_STATE_NAME", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
     "STATE_FORMAT_VERSION", "set_seed", "get_rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",

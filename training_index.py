@@ -195,12 +195,17 @@ def _auto_backend(embeddings: np.ndarray, gpus: list[int], device: torch.device,
     cpu = torch.device("cpu")
     if gpus:
         return "faiss", cpu
-    if device.type == "cuda":
-        needed = embeddings.nbytes + headroom_bytes
-        free, _ = torch.cuda.mem_get_info(device)
-        if needed <= free:
-            return "tensor", device
-        logger.warning("the embeddings (%.1f GiB) do not fit beside the model on %s (%.1f GiB free, %.1f GiB "
-                       "kept for training): searching with CPU faiss", embeddings.nbytes / (1 << 30), device,
-                       free / (1 << 30), headroom_bytes / (1 << 30))
+    if device.type == "cuda" and fits_on_gpu(embeddings.nbytes, device, headroom_bytes, "kept for training"):
+        return "tensor", device
     return "faiss", cpu
+
+
+def fits_on_gpu(nbytes: int, device: torch.device, headroom_bytes: int, headroom_use: str) -> bool:
+    """Whether ``nbytes`` of embeddings fit in the free memory of the CUDA ``device`` with ``headroom_bytes`` left
+    over (``headroom_use`` says what for); if not, a warning that the search runs on the CPU."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes + headroom_bytes <= free:
+        return True
+    logger.warning("the embeddings (%.1f GiB) do not fit on %s (%.1f GiB free, %.1f GiB %s): searching on the CPU",
+                   nbytes / (1 << 30), device, free / (1 << 30), headroom_bytes / (1 << 30), headroom_use)
+    return False

@@ -23,7 +23,6 @@ Prints one table and writes ``--json`` (default ``bench_scale.json``).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -35,10 +34,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-SUBSET = SHARED / "msmarco-passage-dl19-judged-subset" / "collection.tsv.gz"
-ROBERTA_TOKENIZER = SHARED / "roberta-base-tokenizer"
-DIM = 384
+DIM = 384  # bench_encode's random MiniLM-sized encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,31 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(folder: Path, args: argparse.Namespace) -> None:
-    """Token memmaps of real passages, a random encoder, random search vectors."""
-    sys.path.insert(0, str(REPO))
-    import torch
-    from transformers import AutoTokenizer, BertConfig
+    """Token memmaps of real passages, a random encoder, random search vectors (the data helpers of
+    ``bench_encode.py``)."""
+    from bench_encode import build_model, load_passages, write_token_dir
 
-    from model import DenseEncoder
-
-    tokenizer = AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
-    with gzip.open(SUBSET, "rt", encoding="utf-8") as f:
-        texts = [line.rstrip("\n").split("\t", 1)[1] for line in f]
-    token_ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    token_ids = [token_ids[i % len(token_ids)] for i in range(args.passages)]
-    pre = folder / "preprocess"
-    pre.mkdir(parents=True)
-    ids = np.zeros((len(token_ids), args.max_length), np.int32)
-    for row, seq in enumerate(token_ids):
-        ids[row, :len(seq)] = seq
-    ids.tofile(pre / "passages.memmap")
-    np.save(pre / "passages_length.npy", np.array([len(s) for s in token_ids], np.int32))
-    (pre / "passages_meta").write_text(json.dumps({"type": "int32", "total_number": len(token_ids),
-                                                   "embedding_size": args.max_length}))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=DIM, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=4 * DIM, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
-    DenseEncoder.from_config(config).save_pretrained(folder / "model")
+    model, tokenizer, _ = build_model(None)  # a random MiniLM-sized BERT with the roberta-base tokenizer
+    texts = load_passages(args.passages)
+    write_token_dir(folder / "preprocess", tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"],
+                    args.max_length)
+    model.save_pretrained(folder / "model")
     rng = np.random.default_rng(0)
     rng.standard_normal((args.search_docs, DIM), dtype=np.float32).tofile(folder / "docs.f32")
     rng.standard_normal((args.queries, DIM), dtype=np.float32).tofile(folder / "queries.f32")
@@ -88,7 +68,6 @@ def prepare(folder: Path, args: argparse.Namespace) -> None:
 
 def worker(folder: Path, out: Path, args: argparse.Namespace) -> None:
     """Time the encode and the search of one configuration (one process, or one torchrun rank)."""
-    sys.path.insert(0, str(REPO))
     import faiss
     import torch
 

@@ -152,11 +152,7 @@ def build_model(folder: Path, shared: Path, kind: str) -> str:
         config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
                                eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5, **TINY_MODEL)
     model = DenseEncoder.from_config(config)
-    files = read_tokenizer_files(shared / TOKENIZER)
-    # name the class: export_sentence_transformers loads the tokenizer before it writes the backbone's config.json
-    settings = json.loads(files.get("tokenizer_config.json", b"{}"))
-    files["tokenizer_config.json"] = json.dumps({"tokenizer_class": "RobertaTokenizer", **settings}).encode()
-    model.tokenizer_files = files
+    model.tokenizer_files = read_tokenizer_files(shared / TOKENIZER)
     model.save_pretrained(folder)
     params = sum(p.numel() for p in model.parameters())
     return f"random {'roberta-base size' if kind == 'base' else 'tiny RoBERTa (hidden 32, 2 layers)'}, " \

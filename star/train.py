@@ -34,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cli_types as ct
 import train_utils as tu
-from batch_plan import BackgroundIterator
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
 from io_utils import InputError, atomic_write_json, configure_logging, require_file, run_cli
@@ -44,6 +43,7 @@ from model import DenseEncoder
 logger = logging.getLogger("star.train")
 
 MODES = ("star", "inbatch", "rand")
+READ_AHEAD_STEPS = 2  # optimizer steps of batches collated ahead in a thread (without DataLoader workers)
 # settings that decide the data order / batch composition (with the world size): a resume with other values is
 # not exact
 RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "hard_num",
@@ -169,18 +169,6 @@ def load_training_data(args: argparse.Namespace, pad_token_id: int) -> TrainData
     collator = TrainCollator(args.max_query_length, args.max_doc_length, rel_dict, pad_token_id=pad_token_id,
                              padding=args.padding)
     return TrainData(dataset, collator, rel_dict)
-
-
-class PrefetchedEpochData(tu.EpochData):
-    """:class:`train_utils.EpochData` whose batches are collated one step ahead in a background thread
-    (:class:`batch_plan.BackgroundIterator`) when there are no DataLoader workers: the same batches in the same
-    order, while the step runs (with workers, the DataLoader already reads ahead)."""
-
-    def batches(self, plan: tu.TrainingPlan, progress: tu.Progress) -> Iterator[Any]:
-        batches = super().batches(plan, progress)
-        if self.num_workers:
-            return batches
-        return BackgroundIterator(batches, depth=2 * plan.gradient_accumulation_steps)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -339,8 +327,9 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                     "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
                     args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
                     plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
-    epochs = PrefetchedEpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
-                                 pin_memory=info.device.type == "cuda")
+    epochs = tu.EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
+                          pin_memory=info.device.type == "cuda",
+                          read_ahead=READ_AHEAD_STEPS * args.gradient_accumulation_steps)
     tu.run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
                  logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:
