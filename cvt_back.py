@@ -29,9 +29,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from io_utils import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
+from infra.io import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
 from preprocess import SPLIT_NAMES
-from run_file import iter_run, load_id_map
+from infra.run_file import iter_run, load_id_map
 
 DEFAULT_TAG = "System"   # the run tag of the original test_trec_eval.py
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from io_utils import InputError, PathLike, iter_lines, parse_int, read_json, require_file
-from preprocess import read_token_meta
-from run_file import iter_run
+from infra.io import InputError, PathLike, iter_lines, parse_int, read_json, require_file
+from infra.token_meta import read_token_meta
+from infra.run_file import iter_run
 
 RelDict = Mapping[int, Sequence[int]]
 
@@ -226,7 +226,7 @@ def load_rel_graded(path: PathLike) -> dict[int, dict[int, int]]:
 
 
 def load_rank(path: PathLike) -> dict[int, list[int]]:
-    """An offset rank file (``qoffset poffset rank [score]``, read by :func:`run_file.iter_run`, whose rules it
+    """An offset rank file (``qoffset poffset rank [score]``, read by :func:`infra.run_file.iter_run`, whose rules it
     follows) → ``{qoffset: [poffset, ...]}`` in file order.  A TREC run is refused: its order is not the file's."""
     ranking: dict[int, list[int]] = {}
     for number, q, p, rank, _ in iter_run(path, ids="int", what="rank file"):

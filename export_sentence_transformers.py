@@ -30,8 +30,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file as save_safetensors
 
-import cli_types as ct
-from io_utils import InputError, atomic_directory, configure_logging, refuse_existing, run_cli
+from infra import cli_types as ct
+from infra.io import InputError, atomic_directory, configure_logging, refuse_existing, run_cli
 from model import DenseEncoder, read_tokenizer_files
 from preprocess import Faithful28Tokenizer, load_tokenizer
 

@@ -73,10 +73,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
-import cli_types as ct
-from beir_input import QRELS_HEADER as BEIR_HEADER
-from io_utils import InputError, PathLike, iter_lines, parse_int, run_cli
-from run_file import check_ids, iter_run, parse_docid, parse_qid, trec_eval_order
+from infra import cli_types as ct
+from infra.beir_input import QRELS_HEADER as BEIR_HEADER
+from infra.io import InputError, PathLike, iter_lines, parse_int, run_cli
+from infra.run_file import check_ids, iter_run, parse_docid, parse_qid, trec_eval_order
 
 MAX_RANK = 1000          # slots per query in the original's candidate table
 DEFAULT_CUTOFF = 10      # MRR@10
@@ -157,7 +157,7 @@ def load_reference(path: PathLike, ids: str = "int") -> Qrels:
 
 
 def load_candidate(path: PathLike, ids: str = "int", max_rank: int = MAX_RANK) -> Run:
-    """Read a run file (:func:`run_file.iter_run`) → ``{qid: Ranking}`` in file order.
+    """Read a run file (:func:`infra.run_file.iter_run`) → ``{qid: Ranking}`` in file order.
 
     Raises :class:`InputError` on a malformed line, a rank past ``max_rank``, a (qid, rank) pair given twice, or
     an empty file.  A docid listed twice for a query is only a warning (the original printed a message).  Memory

@@ -35,7 +35,7 @@ BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl`
 that the id maps keep the string ids and there are no pickles:
 
 * ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
-  id}``, loadable with ``allow_pickle=False``; :func:`run_file.load_id_map` reads both kinds): the ``_id`` of each
+  id}``, loadable with ``allow_pickle=False``; :func:`infra.run_file.load_id_map` reads both kinds): the ``_id`` of each
   offset.  ``cvt_back.py`` writes these ids back.
 
 Tokenization reproduces transformers 2.8.0 ``RobertaTokenizer.encode(text, add_special_tokens=True,
@@ -62,9 +62,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 import numpy as np
 from tqdm import tqdm
 
-import beir_input
-import cli_types as ct
-from io_utils import (InputError, PathLike, atomic_output, iter_lines, parse_int, read_json, refuse_existing,
+from infra import beir_input
+from infra import cli_types as ct
+from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
 
 log = logging.getLogger("preprocess")
@@ -513,30 +513,6 @@ class OutputStage:
             pickle.dump(_IdDictPickle(ids), f, protocol=4)
 
 
-class TokenMeta(NamedTuple):
-    """A ``{prefix}_meta`` file: the memmap's integer ``dtype``, ``total_number`` rows, ``embedding_size`` wide."""
-    dtype: np.dtype
-    total_number: int
-    embedding_size: int
-
-
-def read_token_meta(path: PathLike) -> TokenMeta:
-    """Read a ``{prefix}_meta`` file written by :func:`write_token_matrix`; a field missing or out of range raises
-    :class:`InputError` naming the file and the field."""
-    meta = read_json(path, "token meta file")
-    try:
-        dtype = np.dtype(meta.get("type"))
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.kind not in "iu":
-        raise InputError("token meta file lacks an integer type", path=path, value=meta.get("type"))
-    counts = [meta.get(key) for key in ("total_number", "embedding_size")]
-    for key, value, least in zip(("total_number", "embedding_size"), counts, (0, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise InputError(f"token meta file lacks a {key} >= {least}", path=path, value=value)
-    return TokenMeta(dtype, *counts)
-
-
 def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n: int, width: int,
                        faithful: Faithful28Tokenizer, batch_size: int, desc: str,
                        source: Optional[PathLike] = None) -> np.ndarray:
@@ -698,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                "the whole run succeeds.")
     p.add_argument("--input_format", choices=["msmarco", "beir"], default="msmarco",
                    help="msmarco (default): the MS MARCO files of --data_type; beir: corpus.jsonl, queries.jsonl "
-                        "and qrels/{train,dev,test}.tsv with string ids (see beir_input.py)")
+                        "and qrels/{train,dev,test}.tsv with string ids (see infra/beir_input.py)")
     p.add_argument("--data_type", type=ct.integer, choices=[DOC, PASSAGE], default=PASSAGE,
                    help="0 = documents (msmarco-docs.tsv), 1 = passages (collection.tsv) (default 1)")
     p.add_argument("--model_name_or_path", default="roberta-base",

@@ -148,7 +148,7 @@ stage() {
 }
 
 # latest_checkpoint DIR: DIR/checkpoint-<largest step> (fails with "no checkpoint-* in DIR" when there is none)
-latest_checkpoint() { "$PY" -m checkpoint_paths "$1"; }
+latest_checkpoint() { "$PY" -m infra.checkpoint_paths "$1"; }
 
 # star_train OUT MODE INIT [EXTRA ARGS...]: star/train.py with the task's lengths (resumes an interrupted run)
 star_train() {

@@ -39,9 +39,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import cli_types as ct
-from checkpoint_paths import checkpoint_step, list_checkpoints
-from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
+from infra import cli_types as ct
+from infra.checkpoint_paths import checkpoint_step, list_checkpoints
+from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 from msmarco_eval import evaluate_files
 
 TRAINERS = ("inbatch", "rand", "star")

@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import cli_types as ct
-from io_utils import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
+from infra import cli_types as ct
+from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
 
 DEFAULT_SEED = 13
 DEFAULT_OUT = "data/sample"

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Optional
 
 
-import cli_types as ct
+from infra import cli_types as ct
 import retrieve_utils as ru
-from dist_utils import cleanup_distributed
-from io_utils import configure_logging, env_int, refuse_existing, run_cli
+from infra.embedding_memmap import corpus_rows, open_embeddings
+from infra.distributed import cleanup_distributed
+from infra.io import configure_logging, env_int, refuse_existing, run_cli
 from preprocess import SPLIT_NAMES
 
 
@@ -51,8 +52,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     refuse_existing(rank_path, args.overwrite)
 
     model, model_id, pad = ru.load_encoder(args.model_dir, allow_pickle=args.allow_pickle)
-    docs = ru.open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
-                              n_rows=ru.corpus_rows(args.preprocess_dir))
+    docs = open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
+                              n_rows=corpus_rows(args.preprocess_dir))
     placement = ru.resolve_placement(args)
     try:
         queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,

@@ -15,7 +15,7 @@ Every micro-batch, with the encoder in train mode (dropout active, as the origin
      ``always``, the positives missing from the K are appended to every query, de-duplicated (the authors' later
      JPQ code);
   4. score f_r = q·e(p_r) in fp32 with the frozen embeddings e (gradient to q only) and take ADORE's ΔMRR-weighted
-     pairwise loss (``losses.adore_batch_loss``)::
+     pairwise loss (``model.adore_batch_loss``)::
 
        loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s|·softplus(f_s − f_r) / #{(r, s)},  a_r = 1/r if r ≤ metric_cut
                                                                                           else 0 (r 1-based)
@@ -29,12 +29,12 @@ Only the query encoder is trained.  The document embeddings (--pembed_path, the 
 
 Under torchrun (a deviation; the original ran one process), with W processes:
   * the encoder is wrapped in DDP and --per_gpu_batch_size (B) is per process: a global micro-batch holds B·W
-    queries and rank r encodes the r-th slice of it (``train_utils.GlobalBatchSampler``), so one process with
+    queries and rank r encodes the r-th slice of it (``infra.batch_plan.GlobalBatchSampler``), so one process with
     --per_gpu_batch_size B·W reads the same queries in the same order;
-  * each rank holds only its rows ``exact_search.shard_rows(N, r, W)`` of the embeddings (a tensor on its GPU when
+  * each rank holds only its rows ``infra.exact_search.shard_rows(N, r, W)`` of the embeddings (a tensor on its GPU when
     they fit beside the model, else CPU faiss: the rules of one process, over its rows).  Step 2 becomes: all-gather
     the detached queries of every rank (their counts may differ), search them all in the local rows, all-gather the
-    (score, id) lists and merge them (``dist_utils.sharded_topk``): each rank gets the exact global top K of its
+    (score, id) lists and merge them (``infra.distributed.sharded_topk``): each rank gets the exact global top K of its
     own queries, ties in one process's order (score desc, id asc).  The candidates' embeddings are read from the
     read-only memmap (rows of other ranks included);
   * the divisor stays the nominal B·A per rank (A = gradient_accumulation_steps): rank r's loss is
@@ -66,15 +66,21 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import cli_types as ct
-import dist_utils
-import retrieve_utils as ru
-import train_utils as tu
+from infra import cli_types as ct
+from infra import distributed
+from infra.embedding_memmap import corpus_rows, open_embeddings
+from infra.training_index import INDEX_BACKENDS, TrainingIndex, build_training_index
+from infra.batch_plan import GlobalBatchSampler, TrainingPlan
+from infra.checkpoints import checkpoint_to_resume, prepare_output_dir, set_seed
+from infra.distributed import DistInfo, all_reduce_sum, cleanup_distributed, get_world_size, init_distributed
+from infra.optim import build_optimizer, fp32_context, linear_schedule, make_grad_scaler, optimizer_step, param_groups
+from infra.training_loop import (EpochData, HelpFormatter, StepDriver, TrainerFlags, TrainingRun, add_training_args,
+                                 cap_training_args, resume_settings, run_steps)
+from model import load_init_model
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
-from exact_search import shard_rows
-from io_utils import (InputError, atomic_directory, atomic_write_json, configure_logging, env_int, require_file,
-                      run_cli)
-from losses import adore_batch_loss
+from infra.exact_search import shard_rows
+from infra.io import InputError, atomic_directory, atomic_write_json, configure_logging, env_int, require_file, run_cli
+from model import adore_batch_loss
 from model import DenseEncoder
 
 logger = logging.getLogger("adore.train")
@@ -87,7 +93,7 @@ TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
 # settings that decide the data order and the loss: a resume with other values is not exact
 RESUME_KEYS = ("seed", "per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
                "metric_cut", "append_missing_positives")
-ADORE_FLAGS = tu.TrainerFlags(
+ADORE_FLAGS = TrainerFlags(
     learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
     init_help="query-encoder initialisation (e.g. the STAR model folder)",
     preprocess_help="preprocess output: train-query.*, train-qrel.tsv",
@@ -139,8 +145,8 @@ torchrun (above).
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=tu.HelpFormatter)
-    tu.add_training_args(p, ADORE_FLAGS)
+                                formatter_class=HelpFormatter)
+    add_training_args(p, ADORE_FLAGS)
     data = p.add_argument_group("data and model")
     data.add_argument("--pembed_path", required=True,
                       help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "CUDA is available and not --no_cuda, else cpu)")
     hw.add_argument("--model_gpu_index", type=ct.non_negative_int, default=None,
                     help="the original's way to pick the encoder's GPU (default 0; not under torchrun)")
-    hw.add_argument("--index_backend", choices=ru.INDEX_BACKENDS, default="auto", help="see below")
+    hw.add_argument("--index_backend", choices=INDEX_BACKENDS, default="auto", help="see below")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
     hw.add_argument("--faiss_gpu_index", type=ct.non_negative_int, nargs="*", default=[],
@@ -258,27 +264,27 @@ def check_torchrun_args(args: argparse.Namespace, world_size: int) -> None:
         raise InputError("--model_device cuda but CUDA is not available", value=args.model_device)
 
 
-def placement(args: argparse.Namespace) -> tu.DistInfo:
+def placement(args: argparse.Namespace) -> DistInfo:
     """Where this process trains.  One process: rank 0 of 1 on :func:`resolve_model_device`.  Under torchrun: the
-    process group is joined (:func:`train_utils.init_distributed`: ``cuda:LOCAL_RANK`` over nccl, or the CPU over
+    process group is joined (:func:`infra.distributed.init_distributed`: ``cuda:LOCAL_RANK`` over nccl, or the CPU over
     gloo with ``--no_cuda`` / ``--model_device cpu`` / no CUDA)."""
     if env_int("WORLD_SIZE", 1) <= 1:
         device = resolve_model_device(args.model_device, args.model_gpu_index, args.no_cuda)
-        return tu.DistInfo(0, 1, 0, device)
+        return DistInfo(0, 1, 0, device)
     on_cpu = args.no_cuda or (args.model_device is not None and parse_model_device(args.model_device).type == "cpu")
-    return tu.init_distributed(no_cuda=on_cpu)
+    return init_distributed(no_cuda=on_cpu)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the arguments (each flag's range is checked while parsing) and fill in the resolved ``metric_cut`` and
     ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
-    (:func:`train_utils.cap_training_args`); under torchrun refuse what cannot be right there
+    (:func:`infra.training_loop.cap_training_args`); under torchrun refuse what cannot be right there
     (:func:`check_torchrun_args`).  Raises :class:`InputError`."""
     check_torchrun_args(args, env_int("WORLD_SIZE", 1))
     if args.model_gpu_index is None and env_int("WORLD_SIZE", 1) <= 1:
         args.model_gpu_index = 0
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
-    tu.cap_training_args(args, {"max_seq_length": "train-query"})
+    cap_training_args(args, {"max_seq_length": TokenIdsCache(args.preprocess_dir, "train-query")})
     args.faiss_omp_num_threads = ct.at_most_cpus(args.faiss_omp_num_threads, "--faiss_omp_num_threads")
     if args.log_dir is None:
         args.log_dir = str(Path(args.model_save_dir) / "log")
@@ -294,18 +300,18 @@ class ShardedIndex:
 
     ``local`` is the :class:`retrieve_utils.TrainingIndex` over the rows ``[start, start + local.ntotal)`` of
     ``embeddings`` (the whole read-only memmap); the shards of ranks 0, 1, … are consecutive increasing row ranges
-    (:func:`exact_search.shard_rows`).  :meth:`search` is a collective (every rank calls it once per micro-batch,
-    with the same k): :func:`dist_utils.sharded_topk`.  :meth:`gather` reads any row, of any shard, from the
+    (:func:`infra.exact_search.shard_rows`).  :meth:`search` is a collective (every rank calls it once per micro-batch,
+    with the same k): :func:`distributed.sharded_topk`.  :meth:`gather` reads any row, of any shard, from the
     memmap (as the original did)."""
 
-    def __init__(self, embeddings: np.ndarray, local: ru.TrainingIndex, start: int):
+    def __init__(self, embeddings: np.ndarray, local: TrainingIndex, start: int):
         self.embeddings, self.local, self.start = embeddings, local, start
         self.ntotal, self.dim = embeddings.shape
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact top-k ``(scores, ids)`` over ALL rows of this rank's (detached) ``queries``, in the format of
         :mod:`exact_search` (ids are corpus rows)."""
-        return dist_utils.sharded_topk(self.local.search, queries, k, self.start, self.ntotal)
+        return distributed.sharded_topk(self.local.search, queries, k, self.start, self.ntotal)
 
     def gather(self, ids: np.ndarray, device: torch.device | str) -> torch.Tensor:
         """float32 embeddings ``[*ids.shape, dim]`` of the corpus rows ``ids`` (int64, all valid), on ``device``."""
@@ -317,18 +323,18 @@ class ShardedIndex:
 
 
 def build_index(args: argparse.Namespace, docs: np.ndarray, device: torch.device,
-                info: tu.DistInfo) -> ru.TrainingIndex | ShardedIndex:
+                info: DistInfo) -> TrainingIndex | ShardedIndex:
     """One process: :func:`retrieve_utils.build_training_index` over all rows (``--index_backend``,
     ``--faiss_gpu_index``, the model's device).  Under torchrun: the same over this rank's rows only, without
     faiss GPUs (refused there), wrapped in a :class:`ShardedIndex`."""
     if not info.distributed:
-        return ru.build_training_index(docs, args.index_backend, args.faiss_gpu_index, device,
+        return build_training_index(docs, args.index_backend, args.faiss_gpu_index, device,
                                        args.faiss_omp_num_threads)
     if len(docs) < info.world_size:
         raise InputError(f"{len(docs)} document embeddings cannot be sharded over {info.world_size} processes",
                          path=args.pembed_path)
     start, end = shard_rows(len(docs), info.rank, info.world_size)
-    local = ru.build_training_index(docs[start:end], args.index_backend, [], device, args.faiss_omp_num_threads)
+    local = build_training_index(docs[start:end], args.index_backend, [], device, args.faiss_omp_num_threads)
     index = ShardedIndex(docs, local, start)
     logger.info("the index is sharded over %d processes; rank %d holds %s", info.world_size, info.rank,
                 index.describe())
@@ -394,7 +400,7 @@ def label_candidates(retrieved: np.ndarray, positives: Sequence[Sequence[int]], 
     return Candidates(ids, flags, lengths, n_retrieved, mrr10, hit10)
 
 
-def retrieve_candidates(index: ru.TrainingIndex | ShardedIndex, q: torch.Tensor, positives: Sequence[Sequence[int]],
+def retrieve_candidates(index: TrainingIndex | ShardedIndex, q: torch.Tensor, positives: Sequence[Sequence[int]],
                         k: int, append: str) -> Candidates:
     """Search the top ``k`` of the detached queries (one call for the batch) and label them
     (:func:`label_candidates`)."""
@@ -402,11 +408,11 @@ def retrieve_candidates(index: ru.TrainingIndex | ShardedIndex, q: torch.Tensor,
     return label_candidates(ids, positives, append)
 
 
-def candidate_scores(index: ru.TrainingIndex | ShardedIndex, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+def candidate_scores(index: TrainingIndex | ShardedIndex, q: torch.Tensor, candidates: Candidates) -> torch.Tensor:
     """``f[i, r] = q_i · e(ids[i, r])`` in float32 ``[B, n]`` (padding included; masked by the loss); the frozen
     embeddings come from the index, the gradient flows to ``q`` only."""
     docs = index.gather(candidates.ids, q.device)                 # [B, n, dim], no grad
-    with tu.fp32_context(q.device):
+    with fp32_context(q.device):
         return torch.bmm(docs, q.float().unsqueeze(2)).squeeze(2)
 
 
@@ -423,7 +429,7 @@ class LossSettings:
                    float(args.per_gpu_batch_size * args.gradient_accumulation_steps))
 
 
-def micro_batch_loss(model: torch.nn.Module, index: ru.TrainingIndex | ShardedIndex, inputs: dict[str, torch.Tensor],
+def micro_batch_loss(model: torch.nn.Module, index: TrainingIndex | ShardedIndex, inputs: dict[str, torch.Tensor],
                      positives: Sequence[Sequence[int]], settings: LossSettings,
                      device: torch.device) -> tuple[torch.Tensor, Candidates]:
     """Encode (train mode), retrieve, label, score and return the ADORE loss of one micro-batch."""
@@ -457,11 +463,11 @@ class Window:
     def summed_over_ranks(self, device: torch.device) -> "Window":
         """Under torchrun: the window of the whole job (the ranks' sums added, the loss divided by the world size,
         as one process with the global batch logs it); in one process: itself."""
-        world = tu.get_world_size()
+        world = get_world_size()
         if world == 1:
             return self
         sums = torch.tensor([self.loss, self.mrr, self.hits, self.queries], dtype=torch.float64, device=device)
-        loss, mrr, hits, queries = tu.all_reduce_sum(sums).tolist()
+        loss, mrr, hits, queries = all_reduce_sum(sums).tolist()
         return Window(loss / world, mrr, hits, int(queries))
 
     def scalars(self, lr: float, steps: int) -> dict[str, float]:
@@ -472,8 +478,8 @@ class Window:
 
 
 @dataclass
-class Trainer(tu.StepDriver):
-    """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`train_utils.run_steps`: its
+class Trainer(StepDriver):
+    """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`infra.training_loop.run_steps`: its
     optimizer step (clipping after every micro-batch's backward, then AdamW without clipping), its ``Window`` of
     logged scalars and the ``epoch-<k>`` model folders.
 
@@ -481,12 +487,12 @@ class Trainer(tu.StepDriver):
     its DDP wrapper under torchrun, which all-reduces the gradients at every backward: see the module docstring)."""
 
     args: argparse.Namespace
-    info: tu.DistInfo
+    info: DistInfo
     model: DenseEncoder
     wrapped: torch.nn.Module
-    index: ru.TrainingIndex | ShardedIndex
-    data: tu.EpochData
-    run: tu.TrainingRun
+    index: TrainingIndex | ShardedIndex
+    data: EpochData
+    run: TrainingRun
     parameters: list[torch.nn.Parameter] = field(init=False)
     settings: LossSettings = field(init=False)
     window: Window = field(init=False)
@@ -511,7 +517,7 @@ class Trainer(tu.StepDriver):
             step_loss += loss.item()
             self.window.add_candidates(candidates)
         run = self.run
-        tu.optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, max_grad_norm=0.0)  # clipped above
+        optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, max_grad_norm=0.0)  # clipped above
         self.window.loss += step_loss
         return {"loss": f"{step_loss:.4f}"}
 
@@ -554,44 +560,44 @@ def _remove_old_epochs(save_dir: Path) -> None:
             shutil.rmtree(old)
 
 
-def setup(args: argparse.Namespace, info: tu.DistInfo) -> Trainer:
+def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
     """Model, frozen index (this rank's shard under torchrun), data, optimizer and schedule (restored from the latest
     checkpoint with --resume), on ``info.device`` (:func:`placement`).
 
     The inputs (init model, document embeddings against the corpus of --preprocess_dir, queries) are checked
     before the output folder is touched; a damaged checkpoint is refused before anything is written."""
-    tu.set_seed(args.seed)
+    set_seed(args.seed)
     device = info.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = tu.load_init_model(args.init_path, allow_pickle=args.allow_pickle).to(device)
-    docs = ru.open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite,
-                              n_rows=ru.corpus_rows(args.preprocess_dir))
+    model = load_init_model(args.init_path, allow_pickle=args.allow_pickle).to(device)
+    docs = open_embeddings(args.pembed_path, dim=model.output_dim, check_finite=args.check_finite,
+                              n_rows=corpus_rows(args.preprocess_dir))
     dataset = load_queries(Path(args.preprocess_dir), args.max_seq_length, len(docs))
     save_dir = Path(args.model_save_dir)
-    tu.prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    prepare_output_dir(save_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
     if args.overwrite_output_dir and not args.resume and info.is_main:
         _remove_old_epochs(save_dir)
-    checkpoint = tu.checkpoint_to_resume(save_dir, args.resume)
+    checkpoint = checkpoint_to_resume(save_dir, args.resume)
     index = build_index(args, docs, device, info)
     collator = QueryCollator(args.max_seq_length, pad_token_id=model.pad_token_id)
-    sampler = tu.GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed, info.world_size, info.rank)
+    sampler = GlobalBatchSampler(len(dataset), args.per_gpu_batch_size, args.seed, info.world_size, info.rank)
     if info.is_main:
         _warn_dropped_queries(len(dataset), args.per_gpu_batch_size, info.world_size)
-    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
+    plan = TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
                                   args.num_train_epochs, args.max_steps)
-    optimizer = tu.build_optimizer("adamw", tu.param_groups(model, args.weight_decay), args.learning_rate,
+    optimizer = build_optimizer("adamw", param_groups(model, args.weight_decay), args.learning_rate,
                                    eps=args.adam_epsilon)
-    scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
-    run = tu.TrainingRun(save_dir, model, optimizer, scheduler, tu.make_grad_scaler(device, fp16=False), plan,
-                         tu.resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
+    scheduler = linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
+    run = TrainingRun(save_dir, model, optimizer, scheduler, make_grad_scaler(device, fp16=False), plan,
+                         resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
                          args.save_total_limit)
     if checkpoint is not None:
         run.resume(checkpoint, collator)  # before DDP wraps the model
     wrapped: torch.nn.Module = model
     if info.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    data = tu.EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
+    data = EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
                         pin_memory=device.type == "cuda")
     return Trainer(args, info, model, wrapped, index, data, run)
 
@@ -600,7 +606,7 @@ def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> 
     rest = n_queries % (per_process * world_size)
     if 0 < rest < world_size:
         logger.warning("the last global batch of every epoch (%d queries, fewer than the %d processes) is left out "
-                       "(train_utils.GlobalBatchSampler): one process with --per_gpu_batch_size %d would train on "
+                       "(infra.batch_plan.GlobalBatchSampler): one process with --per_gpu_batch_size %d would train on "
                        "it", rest, world_size, per_process * world_size)
 
 
@@ -615,10 +621,10 @@ def train(args: argparse.Namespace) -> Path:
                     "steps (%d epochs), encoder on %s, metric_cut %d, K %d", len(t.data.dataset),
                     args.per_gpu_batch_size, info.world_size, args.gradient_accumulation_steps, plan.steps_per_epoch,
                     plan.total_steps, plan.num_epochs, t.device, args.metric_cut, args.neg_topk)
-        tu.run_steps(t.run, t.data, t, log_dir=args.log_dir, logging_steps=args.logging_steps,
+        run_steps(t.run, t.data, t, log_dir=args.log_dir, logging_steps=args.logging_steps,
                      main_process=info.is_main)
     finally:
-        tu.cleanup_distributed()
+        cleanup_distributed()
     return Path(args.model_save_dir)
 
 

@@ -40,11 +40,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-import retrieve_utils as ru
-import train_utils as tu
+from infra.exact_search import faiss_gpu_count
+from infra.training_index import TrainingIndex, build_training_index
+from infra.optim import build_optimizer, linear_schedule, make_grad_scaler, optimizer_step, param_groups
 from adore.train import candidate_scores, retrieve_candidates
-from io_utils import atomic_write_json, run_cli
-from losses import adore_batch_loss
+from infra.io import atomic_write_json, run_cli
+from model import adore_batch_loss
 from model import DenseEncoder
 
 CPU_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
@@ -77,13 +78,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: DenseEncoder, index: ru.TrainingIndex, device: torch.device, batch: int, q_len: int, k: int,
+def measure(model: DenseEncoder, index: TrainingIndex, device: torch.device, batch: int, q_len: int, k: int,
             steps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of the three parts of a step over ``steps`` steps (after ``warmup``)."""
     g = torch.Generator().manual_seed(0)
-    optimizer = tu.build_optimizer("adamw", tu.param_groups(model, 0.01), 5e-6)
-    scheduler = tu.linear_schedule(optimizer, 2000, 100000)
-    scaler = tu.make_grad_scaler(device, False)
+    optimizer = build_optimizer("adamw", param_groups(model, 0.01), 5e-6)
+    scheduler = linear_schedule(optimizer, 2000, 100000)
+    scaler = make_grad_scaler(device, False)
     parameters = list(model.parameters())
     parts: dict[str, list[float]] = {"encode": [], "retrieve": [], "loss_backward": []}
     for step in range(warmup + steps):
@@ -103,7 +104,7 @@ def measure(model: DenseEncoder, index: ru.TrainingIndex, device: torch.device, 
                                 torch.from_numpy(candidates.lengths).to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        tu.optimizer_step(parameters, optimizer, scheduler, scaler, 0.0)
+        optimizer_step(parameters, optimizer, scheduler, scaler, 0.0)
         _sync(device)
         t3 = time.perf_counter()
         if step >= warmup:
@@ -117,7 +118,7 @@ def measure(model: DenseEncoder, index: ru.TrainingIndex, device: torch.device, 
 
 def backends(device: torch.device) -> list[str]:
     """The index backends to run."""
-    return (["faiss"] if device.type == "cpu" or ru.faiss_gpu_count() > 0 else []) + ["tensor"]
+    return (["faiss"] if device.type == "cpu" or faiss_gpu_count() > 0 else []) + ["tensor"]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for backend in backends(device):
             start = time.perf_counter()
             gpus = [device.index or 0] if backend == "faiss" and device.type == "cuda" else None
-            index = ru.build_training_index(docs, backend, gpus, device)
+            index = build_training_index(docs, backend, gpus, device)
             build_s = time.perf_counter() - start
             try:
                 figures = measure(model, index, device, args.batch, args.q_len, args.k, args.steps, args.warmup)

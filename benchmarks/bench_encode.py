@@ -1,4 +1,4 @@
-"""Corpus encoding throughput: ``corpus_encoding.encode_to_memmap`` (length-sorted batches, each padded only to
+"""Corpus encoding throughput: ``infra.corpus_encoding.encode_to_memmap`` (length-sorted batches, each padded only to
 its own longest passage) against the loops it replaces, on real MS MARCO passages.
 
 Rows (same model, same token ids, max length 256, inference mode; ``--methods`` picks some):
@@ -45,8 +45,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from corpus_encoding import encode_to_memmap  # not retrieve_utils: no faiss needed
-from embedding_memmap import manifest_path
+from infra.corpus_encoding import encode_to_memmap  # not retrieve_utils: no faiss needed
+from infra.embedding_memmap import manifest_path
 from dataset import SequenceCollator, SequenceDataset, TokenIdsCache
 from model import DenseEncoder
 

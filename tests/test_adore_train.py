@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import retrieve_utils as ru
+from infra.embedding_memmap import open_embeddings
+from infra.exact_search import FlatIPIndex
+from infra.training_index import TensorIPIndex, TrainingIndex, build_training_index
 from adore import train as adore_train
-from io_utils import InputError, run_cli
+from infra.io import InputError, run_cli
 from helpers import ADORE_DIM as DIM, AdoreData, adore_cli_args, load_weights, make_adore_data
 from helpers import read_scalars
-from losses import adore_batch_loss
+from model import adore_batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -60,10 +62,10 @@ def test_label_candidates_appends_positives_per_mode():
     assert a.ids[2].tolist()[:3] == [0, 6, 13] and a.labels[2].tolist()[:3] == [False, True, True]
 
 
-def hand_built_index(backend: str) -> ru.TrainingIndex:
+def hand_built_index(backend: str) -> TrainingIndex:
     """6 documents, document j = (6 − j)·e_j: a query of ones ranks them 0, 1, …, 5 with scores 6, 5, …, 1."""
     docs = np.diag(np.arange(6, 0, -1)).astype(np.float32)
-    return ru.build_training_index(docs, backend=backend)
+    return build_training_index(docs, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "tensor"])
@@ -98,8 +100,8 @@ def test_micro_batch_loss_uses_the_train_mode_embeddings_for_retrieval(data):
     from model import DenseEncoder
 
     model = DenseEncoder.from_pretrained(data.init).train()
-    docs = ru.open_embeddings(data.emb, dim=DIM)
-    index = ru.build_training_index(docs)
+    docs = open_embeddings(data.emb, dim=DIM)
+    index = build_training_index(docs)
     rel = load_rel(data.pre / "train-qrel.tsv")
     ds = TrainQueryDataset(rel, TokenIdsCache(data.pre, "train-query"), 8)
     inputs, positives = QueryCollator(8)([ds[i] for i in range(4)])
@@ -108,7 +110,7 @@ def test_micro_batch_loss_uses_the_train_mode_embeddings_for_retrieval(data):
     loss, cands = adore_train.micro_batch_loss(model, index, inputs, positives, settings, torch.device("cpu"))
     torch.manual_seed(5)
     q = model(inputs["input_ids"], inputs["attention_mask"]).detach()
-    _, ids = ru.FlatIPIndex(np.asarray(docs)).search(q.numpy(), 8, desc=None)
+    _, ids = FlatIPIndex(np.asarray(docs)).search(q.numpy(), 8, desc=None)
     np.testing.assert_array_equal(cands.ids[:, :8], ids)
     assert torch.isfinite(loss) and loss.item() > 0
 
@@ -131,8 +133,8 @@ def tie_heavy_integers(n: int, nq: int, seed: int) -> tuple[np.ndarray, np.ndarr
 @pytest.mark.parametrize("k", [1, 10, 100, 599, 600, 650])
 def test_tensor_index_equals_faiss_bitwise_with_ties(k):
     docs, queries = tie_heavy_integers(600, 30, seed=k)
-    ref_scores, ref_ids = ru.FlatIPIndex(docs).search(queries, k, desc=None)
-    index = ru.TensorIPIndex(docs, "cpu", chunk_bytes=5000)  # ~100-row chunks
+    ref_scores, ref_ids = FlatIPIndex(docs).search(queries, k, desc=None)
+    index = TensorIPIndex(docs, "cpu", chunk_bytes=5000)  # ~100-row chunks
     scores, ids = index.search(queries, k, batch_size=7)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(scores, ref_scores)
@@ -142,11 +144,11 @@ def test_training_index_backends_search_and_gather_alike(tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "emb.memmap"
     rng.standard_normal((300, DIM), dtype=np.float32).tofile(path)
-    docs = ru.open_embeddings(path, dim=DIM)
-    faiss_index = ru.build_training_index(docs)
-    assert isinstance(faiss_index.searcher, ru.FlatIPIndex)
-    tensor_index = ru.build_training_index(docs, backend="tensor")
-    assert isinstance(tensor_index.searcher, ru.TensorIPIndex)
+    docs = open_embeddings(path, dim=DIM)
+    faiss_index = build_training_index(docs)
+    assert isinstance(faiss_index.searcher, FlatIPIndex)
+    tensor_index = build_training_index(docs, backend="tensor")
+    assert isinstance(tensor_index.searcher, TensorIPIndex)
     q = torch.from_numpy(rng.standard_normal((5, DIM), dtype=np.float32))
     results = [i.search(q, 20) for i in (faiss_index, tensor_index)]
     for scores, ids in results[1:]:

@@ -19,18 +19,19 @@ import pytest
 import torch
 
 import retrieve_utils as ru
+from infra.embedding_memmap import MANIFEST_FORMAT, corpus_rows, manifest_path, open_embeddings
 from helpers import (ADORE_DIM, ADORE_DOCS, adore_cli_args, assert_one_error, make_adore_data, make_encoder_inputs,
                      make_star_data, run_cli, star_cli_args, tiny_encoder, tiny_training_config, tree_hash,
                      write_token_memmap)
-from io_utils import InputError
-from io_utils import run_cli as run_main
+from infra.io import InputError
+from infra.io import run_cli as run_main
 from model import DenseEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_in_process(main: Callable, argv: list, capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
-    """``main(argv)`` wrapped in :func:`io_utils.run_cli` as the CLIs are, as a completed process with the stderr
+    """``main(argv)`` wrapped in :func:`infra.io.run_cli` as the CLIs are, as a completed process with the stderr
     ``capsys`` captured (for :func:`helpers.assert_one_error`)."""
     capsys.readouterr()
     code = 0
@@ -51,9 +52,9 @@ def _write_embeddings(path: Path, rows: int, dtype=np.float32, manifest: dict = 
     ROWS x DIM manifest) a manifest beside it."""
     np.random.default_rng(0).standard_normal((rows, DIM)).astype(dtype).tofile(path)
     if manifest is not None:
-        fields = {"format": ru.MANIFEST_FORMAT, "n_rows": ROWS, "dim": DIM, "dtype": "float32", "block_rows": 4096,
+        fields = {"format": MANIFEST_FORMAT, "n_rows": ROWS, "dim": DIM, "dtype": "float32", "block_rows": 4096,
                   "completed_rows": ROWS, "complete": True, **manifest}
-        ru.manifest_path(path).write_text(json.dumps(fields))
+        manifest_path(path).write_text(json.dumps(fields))
     return path
 
 
@@ -90,9 +91,9 @@ EMBEDDING_CASES = {
 def test_open_embeddings_holds_the_file_against_manifest_and_corpus(tmp_path, case):
     rows, dtype, manifest, corpus, dim, needles = EMBEDDING_CASES[case]
     path = _write_embeddings(tmp_path / "passages.memmap", rows, dtype, manifest)
-    n_rows = None if corpus is None else ru.corpus_rows(_corpus(tmp_path / "preprocess", corpus))
+    n_rows = None if corpus is None else corpus_rows(_corpus(tmp_path / "preprocess", corpus))
     with pytest.raises(InputError) as e:
-        ru.open_embeddings(path, dim=dim, n_rows=n_rows)
+        open_embeddings(path, dim=dim, n_rows=n_rows)
     message = str(e.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     for needle in needles:
@@ -101,16 +102,16 @@ def test_open_embeddings_holds_the_file_against_manifest_and_corpus(tmp_path, ca
 
 def test_matching_embeddings_open_and_corpus_rows(tmp_path):
     path = _write_embeddings(tmp_path / "passages.memmap", ROWS, manifest={})
-    assert ru.corpus_rows(tmp_path) is None  # no passages_meta: nothing to check against
-    rows = ru.corpus_rows(_corpus(tmp_path / "preprocess", ROWS))
+    assert corpus_rows(tmp_path) is None  # no passages_meta: nothing to check against
+    rows = corpus_rows(_corpus(tmp_path / "preprocess", ROWS))
     assert rows == (ROWS, tmp_path / "preprocess" / "passages_meta")
-    assert ru.open_embeddings(path, dim=DIM, n_rows=rows).shape == (ROWS, DIM)
-    assert ru.open_embeddings(path, n_rows=ROWS).shape == (ROWS, DIM)
+    assert open_embeddings(path, dim=DIM, n_rows=rows).shape == (ROWS, DIM)
+    assert open_embeddings(path, n_rows=ROWS).shape == (ROWS, DIM)
     with pytest.raises(InputError, match=f"covers {ROWS} passages but expected: {ROWS + 1}"):
-        ru.open_embeddings(path, n_rows=ROWS + 1)
+        open_embeddings(path, n_rows=ROWS + 1)
     (tmp_path / "preprocess" / "passages_meta").write_text('{"type": "int32", "total_number": "many"}')
     with pytest.raises(InputError, match="passages_meta: token meta file lacks a total_number"):
-        ru.corpus_rows(tmp_path / "preprocess")
+        corpus_rows(tmp_path / "preprocess")
 
 
 def _replace_with_float64(path: Path) -> list[str]:
@@ -141,10 +142,10 @@ def test_encoding_reuse_refuses_a_replaced_file(tmp_path, damage):
         encode()
     assert all(n in str(e.value) for n in needles), str(e.value)
     np.testing.assert_array_equal(encode(overwrite=True), reference)
-    ru.manifest_path(out).write_text("{not json")  # an unreadable manifest: named, and replaced by --overwrite
+    manifest_path(out).write_text("{not json")  # an unreadable manifest: named, and replaced by --overwrite
     with pytest.raises(InputError, match="embedding manifest is not valid JSON") as e:
         encode()
-    assert e.value.path == str(ru.manifest_path(out))
+    assert e.value.path == str(manifest_path(out))
     np.testing.assert_array_equal(encode(overwrite=True), reference)
 
 
@@ -172,7 +173,7 @@ def test_adore_inference_refuses_mismatched_embeddings_and_keeps_the_rank_file(t
     docs = tmp_path / "docs.memmap"
     np.random.default_rng(0).standard_normal((rows, 16)).astype(dtype).tofile(docs)
     if manifest is not None:
-        ru.manifest_path(docs).write_text(json.dumps({"format": ru.MANIFEST_FORMAT, "block_rows": 4096,
+        manifest_path(docs).write_text(json.dumps({"format": MANIFEST_FORMAT, "block_rows": 4096,
                                                       "completed_rows": rows, "complete": True, **manifest}))
     out = tmp_path / "out"
     out.mkdir()
@@ -184,8 +185,8 @@ def test_adore_inference_refuses_mismatched_embeddings_and_keeps_the_rank_file(t
 
 def test_adore_train_refuses_embeddings_shorter_than_their_manifest_before_touching_the_output(tmp_path):
     data = make_adore_data(tmp_path / "data")
-    ru.manifest_path(data.emb).write_text(json.dumps({
-        "format": ru.MANIFEST_FORMAT, "n_rows": ADORE_DOCS + 5, "dim": ADORE_DIM, "dtype": "float32",
+    manifest_path(data.emb).write_text(json.dumps({
+        "format": MANIFEST_FORMAT, "n_rows": ADORE_DOCS + 5, "dim": ADORE_DIM, "dtype": "float32",
         "block_rows": 4096, "completed_rows": ADORE_DOCS + 5, "complete": True}))
     out = tmp_path / "out"
     for folder in ("epoch-1", "checkpoint-3"):  # a previous run's, removed by --overwrite_output_dir only if it runs

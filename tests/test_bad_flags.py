@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli_types as ct
+from infra import cli_types as ct
 from helpers import (N_DOCS, N_QUERIES, REPO, TINY, adore_cli_args, assert_one_error, make_adore_data,
                      make_encoder_inputs, make_star_data, run_cli, star_cli_args, tree_hash, write_files,
                      write_token_memmap)
-from io_utils import InputError
+from infra.io import InputError
 
 HUGE = str(10 ** 12)
 
@@ -100,7 +100,7 @@ def parser_of(cli: str):
 
 
 def cli_modules() -> set[str]:
-    """Every module run through ``io_utils.run_cli`` (a CLI), found in the source."""
+    """Every module run through ``infra.io.run_cli`` (a CLI), found in the source."""
     files = [*REPO.glob("*.py"), *REPO.glob("star/*.py"), *REPO.glob("adore/*.py")]
     return {".".join(p.relative_to(REPO).with_suffix("").parts) for p in files
             if re.search(r"^\s+run_cli\(main\b", p.read_text(encoding="utf-8"), flags=re.M)}
@@ -131,7 +131,7 @@ def test_every_numeric_flag_of_every_cli_uses_a_cli_types_range():
         for action in parser_of(cli)._actions:
             if action.nargs == 0:  # store_true / store_const / help: no value parsed
                 continue
-            from_cli_types = getattr(action.type, "__module__", None) == "cli_types"
+            from_cli_types = getattr(action.type, "__module__", None) == "infra.cli_types"
             numeric_default = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
             if action.type in (int, float) or (numeric_default and not from_cli_types):
                 unchecked.append(f"{cli} {action.dest}")
@@ -190,19 +190,20 @@ def test_msmarco_eval_max_rank_takes_memory_of_the_file_not_of_the_flag(tmp_path
 
 
 def test_searches_with_a_huge_k_return_each_row_once_and_no_padding(one_thread):
-    import retrieve_utils as ru
+    from infra.exact_search import FlatIPIndex, exact_search, streamed_search
+    from infra.training_index import TensorIPIndex, build_training_index
 
     rng = np.random.default_rng(5)
     docs = rng.integers(-2, 3, size=(50, 8)).astype(np.float32)
     queries = rng.integers(-2, 3, size=(9, 8)).astype(np.float32)
-    expected = ru.FlatIPIndex(docs).search(queries, 50, desc=None)
+    expected = FlatIPIndex(docs).search(queries, 50, desc=None)
     huge = 10 ** 12
     results = {
-        "faiss": ru.FlatIPIndex(docs).search(queries, huge, desc=None),
-        "streamed": ru.streamed_search(docs, queries, huge, block_rows=16, desc=None),
-        "exact_search": ru.exact_search(docs, queries, huge, desc=None),
-        "tensor fp32": ru.TensorIPIndex(docs).search(queries, huge),
-        "training index": ru.build_training_index(docs, "tensor").search(queries, huge),
+        "faiss": FlatIPIndex(docs).search(queries, huge, desc=None),
+        "streamed": streamed_search(docs, queries, huge, block_rows=16, desc=None),
+        "exact_search": exact_search(docs, queries, huge, desc=None),
+        "tensor fp32": TensorIPIndex(docs).search(queries, huge),
+        "training index": build_training_index(docs, "tensor").search(queries, huge),
     }
     for name, (scores, ids) in results.items():
         assert ids.shape == scores.shape == (9, 50), name
@@ -211,10 +212,10 @@ def test_searches_with_a_huge_k_return_each_row_once_and_no_padding(one_thread):
 
 
 def test_search_memory_budget_is_capped_at_the_machine_memory(caplog):
-    import exact_search
+    from infra import exact_search
 
     total = exact_search.physical_memory_bytes()
-    with caplog.at_level(logging.WARNING, logger="exact_search"):
+    with caplog.at_level(logging.WARNING, logger="infra.exact_search"):
         assert exact_search.memory_budget_bytes(1e12) == total
         assert exact_search.memory_budget_bytes(1e300) == total  # no float overflow
     assert "--search_mem_gb 1e+12 exceeds the machine's" in caplog.text
@@ -223,7 +224,7 @@ def test_search_memory_budget_is_capped_at_the_machine_memory(caplog):
 
 def test_thread_and_worker_counts_are_capped_at_the_cpus(caplog):
     cpus = os.cpu_count() or 1
-    with caplog.at_level(logging.WARNING, logger="cli_types"):
+    with caplog.at_level(logging.WARNING, logger="infra.cli_types"):
         assert ct.at_most_cpus(10 ** 12, "--threads") == cpus
     assert f"--threads {10 ** 12} exceeds the {cpus} CPUs" in caplog.text
     assert ct.at_most_cpus(1, "--threads") == 1 and ct.at_most_cpus(None, "--threads") is None
@@ -231,7 +232,7 @@ def test_thread_and_worker_counts_are_capped_at_the_cpus(caplog):
 
 def test_star_inference_with_absurd_sizes_ranks_every_document(tmp_path, one_thread):
     """--topk, --eval_batch_size, the lengths and --search_mem_gb at 10**12: the work is sized by the data."""
-    import retrieve_utils as ru
+    from infra.exact_search import exact_search
     from star import inference as star_inference
 
     inputs = make_encoder_inputs(tmp_path)
@@ -243,7 +244,7 @@ def test_star_inference_with_absurd_sizes_ranks_every_document(tmp_path, one_thr
     ranks = np.loadtxt(out / "dev.rank.tsv", dtype=np.int64).reshape(N_QUERIES, N_DOCS, 3)
     docs = np.fromfile(out / "passages.memmap", np.float32).reshape(N_DOCS, -1)
     queries = np.fromfile(out / "dev-query.memmap", np.float32).reshape(N_QUERIES, -1)
-    np.testing.assert_array_equal(ranks[:, :, 1], ru.exact_search(docs, queries, N_DOCS, desc=None)[1])
+    np.testing.assert_array_equal(ranks[:, :, 1], exact_search(docs, queries, N_DOCS, desc=None)[1])
 
 
 def test_prepare_hardneg_topk_above_the_corpus_fails_before_encoding(tmp_path):
@@ -321,12 +322,12 @@ def test_preprocess_width_is_capped_by_the_tokenizer_model_max_length(tmp_path, 
 def test_training_lengths_and_workers_are_capped_by_the_data_and_the_cpus(tmp_path):
     import argparse
 
-    import train_utils as tu
+    from infra.training_loop import cap_training_args
 
     write_token_memmap(tmp_path, "passages", [3, 5, 4], width=7, seed=0)
     args = argparse.Namespace(preprocess_dir=str(tmp_path), max_doc_length=10 ** 12, dataloader_num_workers=10 ** 12)
-    tu.cap_training_args(args, {"max_doc_length": "passages"})
+    cap_training_args(args, {"max_doc_length": "passages"})
     assert (args.max_doc_length, args.dataloader_num_workers) == (7, os.cpu_count() or 1)
     args.max_doc_length, args.dataloader_num_workers = 6, 0
-    tu.cap_training_args(args, {"max_doc_length": "passages"})
+    cap_training_args(args, {"max_doc_length": "passages"})
     assert (args.max_doc_length, args.dataloader_num_workers) == (6, 0)  # within the bounds: unchanged

@@ -286,12 +286,12 @@ def _non_finite(value, row):
 
 def _manifest(**fields):
     def edit(path, values):
-        import retrieve_utils as ru
+        from infra.embedding_memmap import MANIFEST_FORMAT, manifest_path
 
         values.tofile(path)
-        manifest = {"format": ru.MANIFEST_FORMAT, "n_rows": ADORE_DOCS, "dim": ADORE_DIM, "block_rows": 4096,
+        manifest = {"format": MANIFEST_FORMAT, "n_rows": ADORE_DOCS, "dim": ADORE_DIM, "block_rows": 4096,
                     "completed_rows": ADORE_DOCS, "complete": True, **fields}
-        ru.manifest_path(path).write_text(json.dumps(manifest))
+        manifest_path(path).write_text(json.dumps(manifest))
         return ["incomplete"] if not manifest["complete"] else [f"dim {fields.get('dim')}"]
     return edit
 
@@ -362,7 +362,7 @@ def test_adore_inference_existing_output_refused_and_kept(tmp_path, adore_inputs
 # -- #13 "never silent duplicate work": commands that do not split their work refuse a multi-process torchrun -----
 
 def test_run_cli_refuses_several_torchrun_processes_unless_the_command_splits_its_work(monkeypatch, capsys):
-    from io_utils import run_cli as run_main
+    from infra.io import run_cli as run_main
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -12,9 +12,9 @@ import cvt_back
 import msmarco_eval
 import preprocess
 from helpers import reference_metrics, run, write_cacm_layouts, write_files
-from io_utils import InputError
+from infra.io import InputError
 from model import DenseEncoder
-from run_file import load_id_map
+from infra.run_file import load_id_map
 
 DOC_LEN, QUERY_LEN = 96, 32
 

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-import cli_types as ct
+from infra import cli_types as ct
 
 
 @pytest.mark.parametrize("parse, good, bad", [

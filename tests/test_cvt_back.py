@@ -6,8 +6,8 @@ import pytest
 
 import cvt_back
 import msmarco_eval as me
-from io_utils import InputError, run_cli
-from run_file import iter_run
+from infra.io import InputError, run_cli
+from infra.run_file import iter_run
 
 
 def write(path, lines):

@@ -11,7 +11,7 @@ from dataset import (HardNegatives, QueryCollator, SequenceCollator, SequenceDat
                      TrainQueryDataset, load_hardneg, load_rank, load_rel, load_rel_graded, pack_tensor_2D,
                      truncate_keep_end)
 from helpers import write_token_rows
-from io_utils import InputError
+from infra.io import InputError
 
 CLS, SEP = 0, 2
 

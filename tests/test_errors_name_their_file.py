@@ -10,7 +10,7 @@ import star.prepare_hardneg as ph
 from adore import train as adore_train
 from helpers import (TINY, adore_cli_args, assert_one_error, make_adore_data, make_star_data, run_cli,
                      star_cli_args, write_files)
-from io_utils import InputError
+from infra.io import InputError
 from star import train as star_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -304,7 +304,7 @@ import os, signal, sys
 from pathlib import Path
 import model
 from adore import train as adore_train
-from io_utils import run_cli
+from infra.io import run_cli
 prefix, real_save = sys.argv[1], model.DenseEncoder.save_pretrained
 def save_pretrained(self, path):
     real_save(self, path)

@@ -9,7 +9,7 @@ import pytest
 
 import adore.inference as adore_inference
 import star.inference as star_inference
-from io_utils import InputError
+from infra.io import InputError
 from helpers import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from io_utils import atomic_directory, atomic_write_text, remove_stale_temporaries
+from infra.io import atomic_directory, atomic_write_text, remove_stale_temporaries
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""losses.py against plain-Python double loops of the formulas in losses.py's docstrings (the original
+"""model.py against plain-Python double loops of the formulas in model.py's docstrings (the original
 star/train.py and adore/train.py losses)."""
 import math
 
 import pytest
 import torch
 
-from losses import (adore_batch_loss, adore_gains, adore_pair_weights, adore_query_loss, inbatch_loss,
-                    randneg_loss, star_loss)
+from model import (adore_batch_loss, adore_gains, adore_pair_weights, adore_query_loss, inbatch_loss, randneg_loss,
+                   star_loss)
 
 # 3 queries with 2-D embeddings. Queries 0 and 2 share their positive doc (rows 0 and 2 of D are the same
 # passage), so M[0, 2] = M[2, 0] = 0. Hard doc 1 is relevant to query 2, so N[2, 1] = 0.

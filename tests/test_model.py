@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from io_utils import InputError
+from infra.io import InputError
 from model import DenseEncoder, model_identity
 
 HIDDEN, OUT = 32, 16

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import msmarco_eval as me
-from io_utils import InputError
+from infra.io import InputError
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,7 +12,7 @@ import pytest
 
 import star.prepare_hardneg as ph
 from dataset import HardNegatives, load_hardneg
-from io_utils import InputError
+from infra.io import InputError
 from helpers import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

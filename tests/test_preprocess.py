@@ -16,7 +16,7 @@ import regex
 
 import preprocess
 from helpers import BERT_IDS, TINY, write_files
-from io_utils import InputError
+from infra.io import InputError
 
 # --------------------------------------------------------------------------------------------------
 # fixtures

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import exact_search as search_module
-import retrieve_utils as ru
+from infra import exact_search as search_module
+from infra.corpus_encoding import encode_to_memmap
+from infra.embedding_memmap import manifest_path, open_embeddings
+from infra.exact_search import (FlatIPIndex, exact_search, faiss_gpu_count, memory_budget_bytes, resolve_faiss_gpus,
+                                streamed_search, write_rank_file)
 from dataset import SequenceDataset, TokenIdsCache
 from helpers import brute_force, encode_one_by_one, tiny_encoder, write_token_memmap
-from io_utils import InputError
+from infra.io import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -61,13 +64,13 @@ def test_search_paths_equal_brute_force_with_ties(tmp_path, k):
     on_disk = np.memmap(path, dtype=np.float32, mode="r", shape=docs.shape)
     ref_scores, ref_ids = brute_force(docs, queries, k)
     kk = min(k, len(docs))
-    results = {"in RAM": ru.FlatIPIndex(docs).search(queries, k, batch_size=16),
-               "index over a memmap": ru.FlatIPIndex(on_disk).search(queries, k, desc=None),
-               "exact_search": ru.exact_search(on_disk, queries, k)}
+    results = {"in RAM": FlatIPIndex(docs).search(queries, k, batch_size=16),
+               "index over a memmap": FlatIPIndex(on_disk).search(queries, k, desc=None),
+               "exact_search": exact_search(on_disk, queries, k)}
     for block_rows in (1, 10, 33, 97, 500):
-        results[f"streamed {block_rows}"] = ru.streamed_search(on_disk, queries, k, block_rows=block_rows,
+        results[f"streamed {block_rows}"] = streamed_search(on_disk, queries, k, block_rows=block_rows,
                                                                batch_size=16)
-    results["streamed in-RAM array"] = ru.streamed_search(docs, queries, k, block_rows=20)
+    results["streamed in-RAM array"] = streamed_search(docs, queries, k, block_rows=20)
     for name, (scores, ids) in results.items():
         assert scores.shape == ids.shape == (len(queries), kk), name  # k > N: the N rows, never padded
         assert scores.dtype == np.float32 and ids.dtype == np.int64, name
@@ -81,8 +84,8 @@ def test_ties_beyond_the_search_margin_keep_the_lowest_ids():
     docs[150] = 2.0  # one clear winner among the ties
     queries = np.ones((25, 4), np.float32)
     expected = np.array([150, *range(9)])
-    for scores, ids in (ru.FlatIPIndex(docs).search(queries, 10),
-                        ru.streamed_search(docs, queries, 10, block_rows=64)):
+    for scores, ids in (FlatIPIndex(docs).search(queries, 10),
+                        streamed_search(docs, queries, 10, block_rows=64)):
         assert (ids == expected).all()
         assert (scores[:, 0] == 8).all() and (scores[:, 1:] == 4).all()
 
@@ -92,8 +95,8 @@ def test_real_valued_search_matches_numpy(tmp_path):
     docs = rng.standard_normal((3000, 24)).astype(np.float32)
     queries = rng.standard_normal((70, 24)).astype(np.float32)
     ref_scores, ref_ids = brute_force(docs, queries, 50)
-    for scores, ids in (ru.FlatIPIndex(docs).search(queries, 50),
-                        ru.streamed_search(docs, queries, 50, block_rows=700)):
+    for scores, ids in (FlatIPIndex(docs).search(queries, 50),
+                        streamed_search(docs, queries, 50, block_rows=700)):
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
@@ -107,9 +110,9 @@ def test_exact_search_streams_when_over_budget(tmp_path, monkeypatch):
     real = search_module.streamed_search
     monkeypatch.setattr(search_module, "streamed_search", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     tiny_budget_gb = 2000 / (1 << 30)  # 2,000 bytes < 300 x 6 x 4: streamed, blocks of 1,000 bytes
-    streamed = ru.exact_search(on_disk, queries, 7, mem_gb=tiny_budget_gb)
+    streamed = exact_search(on_disk, queries, 7, mem_gb=tiny_budget_gb)
     assert len(calls) == 1
-    in_ram = ru.exact_search(on_disk, queries, 7, mem_gb=1.0)
+    in_ram = exact_search(on_disk, queries, 7, mem_gb=1.0)
     assert len(calls) == 1
     for scores, ids in (streamed, in_ram):
         np.testing.assert_array_equal(ids, brute_force(docs, queries, 7)[1])
@@ -118,19 +121,19 @@ def test_exact_search_streams_when_over_budget(tmp_path, monkeypatch):
 def test_search_input_errors():
     docs = np.zeros((5, 4), np.float32)
     with pytest.raises(InputError, match="dim 3"):
-        ru.FlatIPIndex(docs).search(np.zeros((2, 3), np.float32), 2)
+        FlatIPIndex(docs).search(np.zeros((2, 3), np.float32), 2)
     with pytest.raises(InputError, match="empty"):
-        ru.streamed_search(np.zeros((0, 4), np.float32), np.zeros((2, 4), np.float32), 2)
+        streamed_search(np.zeros((0, 4), np.float32), np.zeros((2, 4), np.float32), 2)
     with pytest.raises(InputError, match="budget"):
-        ru.memory_budget_bytes(0)
+        memory_budget_bytes(0)
 
 
-@pytest.mark.skipif(ru.faiss_gpu_count() > 0, reason="checks the fallback of a faiss build without GPUs")
+@pytest.mark.skipif(faiss_gpu_count() > 0, reason="checks the fallback of a faiss build without GPUs")
 def test_gpu_request_without_faiss_gpus_falls_back_to_cpu(caplog):
     with caplog.at_level(logging.WARNING):
-        assert ru.resolve_faiss_gpus([0, 1]) == []
+        assert resolve_faiss_gpus([0, 1]) == []
     assert "searching on CPU" in caplog.text
-    assert ru.resolve_faiss_gpus(None) == []
+    assert resolve_faiss_gpus(None) == []
 
 
 class CappedIndex:
@@ -157,31 +160,31 @@ def test_topk_above_the_faiss_gpu_limit_is_searched_on_the_cpu(monkeypatch, capl
     queries = rng.standard_normal((4, 8)).astype(np.float32)
     for k in (50, 2100):
         indexes.clear()
-        with caplog.at_level(logging.WARNING, logger="exact_search"):
-            scores, ids = ru.exact_search(docs, queries, k, gpus=[0], desc=None)
+        with caplog.at_level(logging.WARNING, logger="infra.exact_search"):
+            scores, ids = exact_search(docs, queries, k, gpus=[0], desc=None)
         ref_scores, ref_ids = brute_force(docs, queries, k)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
         assert bool(indexes) == (k <= search_module.GPU_MAX_K)   # the (stand-in) GPU index only within its limit
     assert "the top 2100 are searched on the CPU" in caplog.text
     with pytest.raises(InputError, match="at most 2048 results per query on a GPU"):
-        ru.FlatIPIndex(docs, [0]).search(queries, 2100, desc=None)
+        FlatIPIndex(docs, [0]).search(queries, 2100, desc=None)
 
 
-@pytest.mark.skipif(ru.faiss_gpu_count() == 0, reason="faiss has no GPU support here")
+@pytest.mark.skipif(faiss_gpu_count() == 0, reason="faiss has no GPU support here")
 def test_gpu_single_and_sharded_match_cpu():
     docs, queries = tie_heavy_data(5000, 300, seed=7)
     ref_scores, ref_ids = brute_force(docs, queries, 100)
-    layouts = [[0]] + ([[0, 1]] if ru.faiss_gpu_count() > 1 else [])
+    layouts = [[0]] + ([[0, 1]] if faiss_gpu_count() > 1 else [])
     for gpus in layouts:
-        scores, ids = ru.FlatIPIndex(docs, gpus).search(queries, 100, desc=None)
+        scores, ids = FlatIPIndex(docs, gpus).search(queries, 100, desc=None)
         np.testing.assert_array_equal(ids, ref_ids, err_msg=str(gpus))
         np.testing.assert_array_equal(scores, ref_scores, err_msg=str(gpus))
     with pytest.raises(InputError):
-        ru.resolve_faiss_gpus([ru.faiss_gpu_count()])
+        resolve_faiss_gpus([faiss_gpu_count()])
 
 
-@pytest.mark.parametrize("module", ["exact_search", "embedding_memmap"])
+@pytest.mark.parametrize("module", ["infra.exact_search", "infra.embedding_memmap"])
 def test_search_and_embedding_file_modules_do_not_import_torch(module, repo_dir):
     code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=repo_dir, capture_output=True, text=True, timeout=120)
@@ -196,9 +199,9 @@ def test_write_rank_file_skips_padding_and_round_trips_scores(tmp_path):
     ids = np.array([[4, 0, 2], [1, -1, -1]], np.int64)
     scores = np.array([[3.25, 1e-7, -2.5], [0.1, -np.inf, -np.inf]], np.float32)
     path = tmp_path / "run" / "dev.rank.tsv"
-    assert ru.write_rank_file(path, [7, 9], ids) == 4
+    assert write_rank_file(path, [7, 9], ids) == 4
     assert path.read_text() == "7\t4\t1\n7\t0\t2\n7\t2\t3\n9\t1\t1\n"
-    assert ru.write_rank_file(path, [7, 9], ids, scores) == 4
+    assert write_rank_file(path, [7, 9], ids, scores) == 4
     rows = [line.split("\t") for line in path.read_text().splitlines()]
     assert [r[:3] for r in rows] == [["7", "4", "1"], ["7", "0", "2"], ["7", "2", "3"], ["9", "1", "1"]]
     np.testing.assert_array_equal(np.array([r[3] for r in rows], dtype=np.float32), scores[ids >= 0])
@@ -209,23 +212,23 @@ def test_open_embeddings_validates_size_dim_and_values(tmp_path):
     path = tmp_path / "p.memmap"
     data = np.arange(24, dtype=np.float32).reshape(6, 4)
     data.tofile(path)
-    assert ru.open_embeddings(path, dim=4).shape == (6, 4)
-    assert ru.open_embeddings(path, dim=8, check_finite=True).shape == (3, 8)
+    assert open_embeddings(path, dim=4).shape == (6, 4)
+    assert open_embeddings(path, dim=8, check_finite=True).shape == (3, 8)
     with pytest.raises(InputError, match=r"p\.memmap.*multiple of dim 5.*got 96"):
-        ru.open_embeddings(path, dim=5)
+        open_embeddings(path, dim=5)
     with pytest.raises(InputError, match="no manifest"):
-        ru.open_embeddings(path)
+        open_embeddings(path)
     data[4, 1] = np.nan
     data.tofile(path)
-    ru.open_embeddings(path, dim=4)  # not scanned unless asked
+    open_embeddings(path, dim=4)  # not scanned unless asked
     with pytest.raises(InputError, match="row 4 holds NaN"):
-        ru.open_embeddings(path, dim=4, check_finite=True)
+        open_embeddings(path, dim=4, check_finite=True)
     np.zeros(0, np.float32).tofile(path)
     with pytest.raises(InputError, match="multiple"):
-        ru.open_embeddings(path, dim=4)
-    ru.manifest_path(path).write_text('{"format": "star-adore-embeddings/1", "dim": 4}')
+        open_embeddings(path, dim=4)
+    manifest_path(path).write_text('{"format": "star-adore-embeddings/1", "dim": 4}')
     with pytest.raises(InputError, match="manifest lacks"):
-        ru.open_embeddings(path)
+        open_embeddings(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def corpus(tmp_path):
 
 def encode(model, dataset, path, **kw):
     kw.setdefault("block_rows", 6)
-    return ru.encode_to_memmap(model, dataset, path, batch_size=3, device="cpu", pad_token_id=1,
+    return encode_to_memmap(model, dataset, path, batch_size=3, device="cpu", pad_token_id=1,
                                model_id=kw.pop("model_id", "model-A"), **kw)
 
 
@@ -271,12 +274,12 @@ def test_resumed_encode_is_byte_identical(tmp_path, corpus):
     manifest = json.loads((tmp_path / "part.memmap.manifest.json").read_text())
     assert manifest["completed_rows"] == 12 and not manifest["complete"]
     with pytest.raises(InputError, match="incomplete"):
-        ru.open_embeddings(tmp_path / "part.memmap")
+        open_embeddings(tmp_path / "part.memmap")
     resumed = CountingModel(tiny_encoder(0))
     encode(resumed, dataset, tmp_path / "part.memmap", block_rows=999)  # the manifest's block size wins
     assert resumed.calls == 5  # 13 remaining rows in batches of 3 within blocks of 6: 3+3, 3+3, 1
     assert (tmp_path / "part.memmap").read_bytes() == (tmp_path / "full.memmap").read_bytes()
-    assert ru.open_embeddings(tmp_path / "part.memmap").shape == (len(LENGTHS), 16)
+    assert open_embeddings(tmp_path / "part.memmap").shape == (len(LENGTHS), 16)
 
 
 class NaNAfter(CountingModel):
@@ -319,7 +322,7 @@ def test_stale_memmap_is_refused_then_overwritten(tmp_path, corpus, change, fiel
     path = tmp_path / "e.memmap"
     encode(tiny_encoder(0), dataset, path)
     if change.pop("drop_manifest", False):
-        ru.manifest_path(path).unlink()
+        manifest_path(path).unlink()
     if "max_length" in change:
         dataset = SequenceDataset(dataset.cache, change.pop("max_length"))
     model = tiny_encoder(1, out_dim=change.pop("out_dim", 16))
@@ -327,7 +330,7 @@ def test_stale_memmap_is_refused_then_overwritten(tmp_path, corpus, change, fiel
         encode(model, dataset, path, **dict(change))
     out = encode(model, dataset, path, overwrite=True, **dict(change))
     np.testing.assert_allclose(out, encode_one_by_one(model, seqs, dataset.max_seq_length), atol=2e-5)
-    assert json.loads(ru.manifest_path(path).read_text())["complete"]
+    assert json.loads(manifest_path(path).read_text())["complete"]
 
 
 def test_row_shards_cut_at_faiss_blocks_give_the_scores_of_one_search():
@@ -337,7 +340,7 @@ def test_row_shards_cut_at_faiss_blocks_give_the_scores_of_one_search():
     rng = np.random.default_rng(4)
     docs = rng.standard_normal((5000, 384), dtype=np.float32)
     queries = rng.standard_normal((2000, 384), dtype=np.float32)
-    one = ru.exact_search(docs, queries, 30, desc=None)
+    one = exact_search(docs, queries, 30, desc=None)
     block = search_module.faiss_block_rows()
     for num_shards in (2, 3, 4):
         bounds = [search_module.shard_rows(len(docs), s, num_shards) for s in range(num_shards)]
@@ -345,7 +348,7 @@ def test_row_shards_cut_at_faiss_blocks_give_the_scores_of_one_search():
         assert all(a[1] == b[0] and b[0] % block == 0 for a, b in zip(bounds, bounds[1:]))
         parts = []
         for start, end in bounds:
-            scores, ids = ru.exact_search(docs[start:end], queries, 30, desc=None)
+            scores, ids = exact_search(docs[start:end], queries, 30, desc=None)
             parts.append((scores, ids + start))
         merged = search_module.merge_topk(parts, 30)
         assert np.array_equal(merged[0], one[0]) and np.array_equal(merged[1], one[1])

@@ -1,12 +1,12 @@
-"""run_file.py: the run-file rules (numbered as in its module docstring), each on hand-built lines; trec_eval's
+"""infra/run_file.py: the run-file rules (numbered as in its module docstring), each on hand-built lines; trec_eval's
 order; the integer-array reader; the id-map loader."""
 import pickle
 
 import numpy as np
 import pytest
 
-import run_file as rf
-from io_utils import InputError
+from infra import run_file as rf
+from infra.io import InputError
 
 
 def write(path, lines):

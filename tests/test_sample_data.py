@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import sample_data
-from io_utils import InputError
+from infra.io import InputError
 
 PASSAGE_FILES = ("collection.tsv", "queries.train.tsv", "queries.dev.small.tsv", "queries.eval.small.tsv",
                  "qrels.train.tsv", "qrels.dev.small.tsv", "msmarco-test2019-queries.tsv", "2019qrels-pass.txt")

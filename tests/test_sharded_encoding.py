@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import corpus_encoding as ce
+from infra import corpus_encoding as ce
 from dataset import SequenceDataset, TokenIdsCache
-from encoding_plan import batch_bounds, flush_points, padded_tokens, shard_batches, shard_positions
+from infra.encoding_plan import batch_bounds, flush_points, padded_tokens, shard_batches, shard_positions
 from helpers import encode_one_by_one, tiny_encoder, write_token_memmap
-from io_utils import InputError
+from infra.io import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -145,9 +145,9 @@ def test_a_complete_file_leaves_the_shards_nothing_to_do(tmp_path, corpus):
 def test_search_on_a_cuda_device_without_faiss_gpus_uses_the_torch_index(monkeypatch, tmp_path):
     """#12 item 4: on a GPU that faiss cannot use (faiss-cpu), the inference search runs the exact torch index on
     that GPU (simulated here: the index is built on the CPU, the device asked for is recorded)."""
-    import inference_pipeline as ip
-    from exact_search import exact_search
-    from training_index import TensorIPIndex
+    import retrieve_utils as ip
+    from infra.exact_search import exact_search
+    from infra.training_index import TensorIPIndex
 
     asked = []
 

@@ -72,7 +72,7 @@ def test_accumulation_bf16_checkpointing_and_save_limit(data, tmp_path):
 def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, tmp_path):
     """Rebuild step 1's batch by hand (same sampler/dataset/collator) and compare the logged loss to STAR's
     pooled pairwise formula (the original model.py's RobertaDot_InBatch) written with plain loops."""
-    import train_utils as tu
+    from infra.batch_plan import GlobalBatchSampler
     from dataset import (TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel)
     from model import DenseEncoder
     from star import train as star_train
@@ -85,7 +85,7 @@ def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, t
     rel = load_rel(d["pre"] / "train-qrel.tsv")
     ds = TrainInbatchWithHardDataset(rel, TokenIdsCache(d["pre"], "train-query"), TokenIdsCache(d["pre"], "passages"),
                                      6, 10, 42, hardneg=load_hardneg(d["hard"]), hard_num=2)
-    sampler = tu.GlobalBatchSampler(len(ds), 4, seed=42)
+    sampler = GlobalBatchSampler(len(ds), 4, seed=42)
     items = [ds[i] for i in next(iter(sampler))]
     batch = TrainCollator(6, 10, rel)(items)
     model = DenseEncoder.from_pretrained(d["init"]).eval()
@@ -106,7 +106,7 @@ def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, t
 
 
 def test_cli_refuses_non_empty_output_dir_and_missing_hardneg(data, tmp_path, capsys):
-    from io_utils import run_cli
+    from infra.io import run_cli
     from star import train as star_train
 
     out = tmp_path / "out"
@@ -156,7 +156,7 @@ def test_read_ahead_batches_and_multi_tensor_lamb_train_like_the_plain_loop(data
     fp32, and fp16 autocast with its GradScaler)."""
     import functools
 
-    import optim_utils
+    from infra import optim
     from star import train as star_train
 
     args = ("--max_steps", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "5e-2",
@@ -164,7 +164,7 @@ def test_read_ahead_batches_and_multi_tensor_lamb_train_like_the_plain_loop(data
     star_train.main(star_cli_args(data, tmp_path / "default", "star", *args, batch=2))
     with monkeypatch.context() as m:
         m.setattr(star_train, "READ_AHEAD_STEPS", 0)
-        m.setattr(optim_utils, "Lamb", functools.partial(optim_utils.Lamb, foreach=False))
+        m.setattr(optim, "Lamb", functools.partial(optim.Lamb, foreach=False))
         star_train.main(star_cli_args(data, tmp_path / "plain", "star", *args, batch=2))
     default, plain = load_weights(tmp_path / "default"), load_weights(tmp_path / "plain")
     init = load_weights(data["init"])
@@ -181,7 +181,7 @@ def test_step_reads_no_tensor_value_but_the_grad_scalers(data_no_dropout, monkey
     methods that read values (transformers' attention-mask check, one per encoder call, left aside)."""
     import traceback
 
-    import train_utils as tu
+    from infra.optim import build_optimizer, linear_schedule, make_grad_scaler, optimizer_step, param_groups
     from dataset import TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel
     from model import DenseEncoder
     from star.train import BatchEncoder, accumulate_gradients
@@ -193,13 +193,13 @@ def test_step_reads_no_tensor_value_but_the_grad_scalers(data_no_dropout, monkey
     batch = TrainCollator(6, 10, rel)([ds[i] for i in range(4)])
     model = DenseEncoder.from_pretrained(d["init"]).train()
     encoder = BatchEncoder(model)
-    optimizer = tu.build_optimizer("lamb", tu.param_groups(model, 0.01), 1e-3)
-    scheduler = tu.linear_schedule(optimizer, 2, 10)
-    scaler = tu.make_grad_scaler(torch.device("cpu"), fp16)
+    optimizer = build_optimizer("lamb", param_groups(model, 0.01), 1e-3)
+    scheduler = linear_schedule(optimizer, 2, 10)
+    scaler = make_grad_scaler(torch.device("cpu"), fp16)
 
     def step() -> torch.Tensor:
         loss = accumulate_gradients(encoder, [batch], 1, "star", rel, torch.device("cpu"), scaler, fp16=fp16)
-        tu.optimizer_step(list(model.parameters()), optimizer, scheduler, scaler, 1.0)
+        optimizer_step(list(model.parameters()), optimizer, scheduler, scaler, 1.0)
         return loss
 
     def counting(name: str, original):
@@ -243,7 +243,7 @@ def loss_and_grads(d: dict, mode: str, items: list, rel: dict, wrap_ddp: bool):
     from dataset import TrainCollator
     from model import DenseEncoder
     from star import train as star_train
-    import train_utils as tu
+    from infra.distributed import all_reduce_sum, get_world_size
 
     model = DenseEncoder.from_pretrained(d["init"])
     wrapped = star_train.BatchEncoder(model)
@@ -252,16 +252,16 @@ def loss_and_grads(d: dict, mode: str, items: list, rel: dict, wrap_ddp: bool):
     batch = TrainCollator(6, 10, rel)(items)
     loss = star_train.forward_loss(wrapped, batch, mode, rel, torch.device("cpu"))
     loss.backward()
-    global_loss = tu.all_reduce_sum(loss.detach()) / tu.get_world_size()
+    global_loss = all_reduce_sum(loss.detach()) / get_world_size()
     return global_loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    import train_utils as tu
+    from infra.distributed import barrier, cleanup_distributed, init_distributed
 
-    tu.init_distributed(no_cuda=True)
+    init_distributed(no_cuda=True)
     try:
         for mode in ("star", "inbatch", "rand"):
             items, rel = global_batch(d, mode)
@@ -269,9 +269,9 @@ def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
             loss, grads = loss_and_grads(d, mode, local, rel, wrap_ddp=True)
             if rank == 0:  # numpy: a tensor in a Queue is shared memory that dies with this process
                 queue.put((mode, loss, {k: g.numpy() for k, g in grads.items()}))
-        tu.barrier()  # both ranks done before the group is torn down
+        barrier()  # both ranks done before the group is torn down
     finally:
-        tu.cleanup_distributed()
+        cleanup_distributed()
     end_spawned_worker(queue)
 
 

@@ -9,9 +9,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train_utils as tu
+from infra.batch_plan import GlobalBatchSampler, Progress, TrainingPlan
+from infra.checkpoint_paths import TRAINER_STATE_NAME, latest_checkpoint, list_checkpoints
+from infra.checkpoints import (get_rng_state, load_checkpoint, prepare_output_dir, save_checkpoint, set_rng_state,
+                               set_seed)
+from infra.distributed import (all_gather_object, all_gather_with_grad, all_reduce_sum, barrier, cleanup_distributed,
+                               init_distributed)
+from infra.optim import (Lamb, autocast_context, build_optimizer, fp32_context, linear_schedule, make_grad_scaler,
+                         optimizer_step, param_groups)
+from infra.training_loop import (EpochData, StepDriver, TrainLogger, TrainerFlags, TrainingRun, add_training_args,
+                                 run_steps)
 from helpers import end_spawned_worker, free_port, read_scalars
-from io_utils import InputError
+from infra.io import InputError
 
 # transformers/model are imported inside the helpers below so that the spawned DDP workers, which re-import
 # this module, start quickly
@@ -60,7 +69,7 @@ def test_lamb_matches_the_original_formulas(wd, adam, steps):
     grads = [[rng.normal(size=p.shape).astype(np.float32) for p in start] for _ in range(steps)]
     assert np.linalg.norm(start[1]) > 10
     params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in start]
-    opt = tu.Lamb(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd, adam=adam)
+    opt = Lamb(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd, adam=adam)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = torch.from_numpy(g.copy())
@@ -73,7 +82,7 @@ def test_lamb_matches_the_original_formulas(wd, adam, steps):
 
 def test_lamb_zero_gradient_keeps_ratio_one_and_does_not_move():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = tu.Lamb([p], lr=0.1)
+    opt = Lamb([p], lr=0.1)
     p.grad = torch.zeros(3)
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3))
@@ -90,7 +99,7 @@ def test_lamb_first_step_by_hand():
     zero = torch.nn.Parameter(torch.zeros(2))                 # ‖p‖ 0: ratio 1, moves lr
     for foreach in (True, False):
         params = [torch.nn.Parameter(q.detach().clone()) for q in (small, large, zero)]
-        opt = tu.Lamb(params, lr=lr, betas=(0.9, 0.99), eps=0.0, foreach=foreach)
+        opt = Lamb(params, lr=lr, betas=(0.9, 0.99), eps=0.0, foreach=foreach)
         for q in params:
             q.grad = torch.tensor([1.0, -2.0])
         opt.step()
@@ -103,7 +112,7 @@ def test_lamb_first_step_by_hand():
 def _lamb_run(model, foreach: bool, steps: int, adam: bool = False, chunk_numel: int = 1 << 26):
     """``steps`` Lamb steps on the tiny encoder's two parameter groups with seeded random gradients (every third
     step the word embeddings have none, so their state stays behind); returns the optimizer."""
-    opt = tu.Lamb(tu.param_groups(model, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, adam=adam, foreach=foreach,
+    opt = Lamb(param_groups(model, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, adam=adam, foreach=foreach,
                   chunk_numel=chunk_numel)
     g = torch.Generator().manual_seed(5)
     for step in range(steps):
@@ -149,7 +158,7 @@ def test_lamb_state_saves_and_loads_with_either_path(tmp_path):
     b.load_state_dict(a.state_dict())
     opt_a = _lamb_run(a, True, 2)
     torch.save(opt_a.state_dict(), tmp_path / "opt.pt")
-    opt_b = tu.Lamb(tu.param_groups(b, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    opt_b = Lamb(param_groups(b, 0.01), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
     for p, q in zip(a.parameters(), b.parameters()):
         q.data.copy_(p.data)
     opt_b.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
@@ -165,7 +174,7 @@ def test_lamb_state_saves_and_loads_with_either_path(tmp_path):
 
 def test_param_groups_exclude_bias_and_LayerNorm_weight_but_decay_head_norm():
     model = tiny_encoder()
-    decay, no_decay = tu.param_groups(model, 0.01)
+    decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     excluded = {names[id(p)] for p in no_decay["params"]}
@@ -178,17 +187,17 @@ def test_param_groups_exclude_bias_and_LayerNorm_weight_but_decay_head_norm():
 
 
 def test_build_optimizer_kinds():
-    groups = tu.param_groups(torch.nn.Linear(2, 2), 0.01)
-    assert isinstance(tu.build_optimizer("lamb", groups, 1e-4), tu.Lamb)
-    adamw = tu.build_optimizer("adamw", tu.param_groups(torch.nn.Linear(2, 2), 0.01), 1e-4, (0.8, 0.9), 1e-7)
+    groups = param_groups(torch.nn.Linear(2, 2), 0.01)
+    assert isinstance(build_optimizer("lamb", groups, 1e-4), Lamb)
+    adamw = build_optimizer("adamw", param_groups(torch.nn.Linear(2, 2), 0.01), 1e-4, (0.8, 0.9), 1e-7)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.8, 0.9)
     with pytest.raises(ValueError):
-        tu.build_optimizer("sgd", groups, 1e-4)
+        build_optimizer("sgd", groups, 1e-4)
 
 
 def test_linear_schedule_warmup_and_decay_points():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = tu.linear_schedule(opt, warmup_steps=4, total_steps=12)
+    sched = linear_schedule(opt, warmup_steps=4, total_steps=12)
     lrs = []
     for _ in range(14):
         lrs.append(opt.param_groups[0]["lr"])
@@ -200,30 +209,30 @@ def test_linear_schedule_warmup_and_decay_points():
 
 
 def test_training_plan():
-    plan = tu.TrainingPlan.create(10, 3, num_train_epochs=2)
+    plan = TrainingPlan.create(10, 3, num_train_epochs=2)
     assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs) == (4, 8, 2)
     assert [plan.micro_batches_in_step(s) for s in range(4)] == [3, 3, 3, 1]
-    plan = tu.TrainingPlan.create(10, 1, num_train_epochs=100, max_steps=25)
+    plan = TrainingPlan.create(10, 1, num_train_epochs=100, max_steps=25)
     assert (plan.total_steps, plan.num_epochs) == (25, 3)
-    assert tu.TrainingPlan.create(10, 1, num_train_epochs=1.5).total_steps == 15
+    assert TrainingPlan.create(10, 1, num_train_epochs=1.5).total_steps == 15
     with pytest.raises(InputError):
-        tu.TrainingPlan.create(0, 1, 1)
+        TrainingPlan.create(0, 1, 1)
 
 
 def test_progress_rolls_over_at_epoch_ends_and_counts_micro_batches_read():
-    plan = tu.TrainingPlan.create(10, 3, num_train_epochs=2)          # steps of 3, 3, 3, 1 micro-batches
-    progress = tu.Progress()
+    plan = TrainingPlan.create(10, 3, num_train_epochs=2)          # steps of 3, 3, 3, 1 micro-batches
+    progress = Progress()
     assert [progress.advance(plan.steps_per_epoch) for _ in range(5)] == [False, False, False, True, False]
-    assert progress == tu.Progress(epoch=1, step_in_epoch=1, global_step=5)
+    assert progress == Progress(epoch=1, step_in_epoch=1, global_step=5)
     assert plan.first_micro_batch(3) == 9 and plan.micro_batches_before(progress) == 13
 
 
 # -- data order ---------------------------------------------------------------------------------------------
 
 def test_global_batch_sampler_splits_the_single_process_batches():
-    single = tu.GlobalBatchSampler(23, batch_size=6, seed=7)
+    single = GlobalBatchSampler(23, batch_size=6, seed=7)
     single.set_epoch(3)
-    ranks = [tu.GlobalBatchSampler(23, batch_size=3, seed=7, world_size=2, rank=r) for r in range(2)]
+    ranks = [GlobalBatchSampler(23, batch_size=3, seed=7, world_size=2, rank=r) for r in range(2)]
     for s in ranks:
         s.set_epoch(3)
     single_batches = list(single)
@@ -237,20 +246,20 @@ def test_global_batch_sampler_splits_the_single_process_batches():
 
 def test_sampler_is_deterministic_per_seed_and_epoch_and_resumable():
     def batches(seed, epoch, start=0):
-        s = tu.GlobalBatchSampler(20, batch_size=4, seed=seed)
+        s = GlobalBatchSampler(20, batch_size=4, seed=seed)
         s.set_epoch(epoch, start_batch=start)
         return list(s)
 
     assert batches(1, 0) == batches(1, 0)
     assert batches(1, 0) != batches(1, 1) and batches(1, 0) != batches(2, 0)
     assert batches(1, 1, start=2) == batches(1, 1)[2:]
-    s = tu.GlobalBatchSampler(20, batch_size=4, seed=1)
+    s = GlobalBatchSampler(20, batch_size=4, seed=1)
     s.set_epoch(0, start_batch=3)
     assert len(s) == 2
 
 
 def test_sampler_drops_a_last_global_batch_smaller_than_the_world():
-    s = tu.GlobalBatchSampler(9, batch_size=2, seed=0, world_size=4, rank=3)
+    s = GlobalBatchSampler(9, batch_size=2, seed=0, world_size=4, rank=3)
     assert s.batches_per_epoch == 1 and len(list(s)) == 1
 
 
@@ -260,7 +269,7 @@ def test_background_iterator_yields_the_same_items_in_order_and_reraises_errors_
     import itertools
     import threading
 
-    from batch_plan import BackgroundIterator
+    from infra.batch_plan import BackgroundIterator
 
     calls = []
 
@@ -289,7 +298,7 @@ def test_background_iterator_close_stops_reading_ahead():
     import itertools
     import time
 
-    from batch_plan import BackgroundIterator
+    from infra.batch_plan import BackgroundIterator
 
     read = []
 
@@ -310,10 +319,10 @@ def test_background_iterator_close_stops_reading_ahead():
 def test_rng_state_round_trip():
     import random
 
-    tu.set_seed(5)
-    state = tu.get_rng_state()
+    set_seed(5)
+    state = get_rng_state()
     first = (random.random(), np.random.rand(), torch.rand(2))
-    tu.set_rng_state(state)
+    set_rng_state(state)
     second = (random.random(), np.random.rand(), torch.rand(2))
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
 
@@ -323,29 +332,29 @@ def _train_steps(model, opt, sched, batches):
     for ids in batches:
         emb = model(ids, torch.ones_like(ids))
         emb.pow(2).mean().backward()
-        tu.optimizer_step(list(model.parameters()), opt, sched, tu.make_grad_scaler(torch.device("cpu"), False),
+        optimizer_step(list(model.parameters()), opt, sched, make_grad_scaler(torch.device("cpu"), False),
                           max_grad_norm=1.0)
 
 
 def _fresh(seed=0):
     torch.manual_seed(seed)
     model = tiny_encoder(dropout=0.3)
-    opt = tu.build_optimizer("lamb", tu.param_groups(model, 0.01), lr=1e-2)
-    return model, opt, tu.linear_schedule(opt, warmup_steps=1, total_steps=6)
+    opt = build_optimizer("lamb", param_groups(model, 0.01), lr=1e-2)
+    return model, opt, linear_schedule(opt, warmup_steps=1, total_steps=6)
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
     batches = [torch.randint(3, 60, (4, 7), generator=torch.Generator().manual_seed(i)) for i in range(6)]
     model, opt, sched = _fresh()
-    tu.set_seed(11)
+    set_seed(11)
     _train_steps(model, opt, sched, batches[:3])
-    path = tu.save_checkpoint(tmp_path, 3, model, opt, sched, None, {"epoch": 1, "step_in_epoch": 0})
+    path = save_checkpoint(tmp_path, 3, model, opt, sched, None, {"epoch": 1, "step_in_epoch": 0})
     _train_steps(model, opt, sched, batches[3:])          # dropout draws from the RNG saved above
     straight = {k: v.clone() for k, v in model.state_dict().items()}
 
     resumed, opt2, sched2 = _fresh(seed=99)                # different init: everything must come from disk
     torch.manual_seed(1234)                                # different RNG: restored from the checkpoint
-    extra = tu.load_checkpoint(path, resumed, opt2, sched2)
+    extra = load_checkpoint(path, resumed, opt2, sched2)
     assert extra == {"epoch": 1, "step_in_epoch": 0, "global_step": 3}
     assert sched2.last_epoch == 3
     _train_steps(resumed, opt2, sched2, batches[3:])
@@ -357,12 +366,12 @@ def test_checkpoint_files_layout_and_rotation(tmp_path):
     model, opt, sched = _fresh()
     _train_steps(model, opt, sched, [torch.randint(3, 60, (2, 5))])
     for step in (1, 2, 3):
-        tu.save_checkpoint(tmp_path, step, model, opt, sched, tu.make_grad_scaler(torch.device("cpu"), False),
+        save_checkpoint(tmp_path, step, model, opt, sched, make_grad_scaler(torch.device("cpu"), False),
                            {"epoch": 0}, save_total_limit=2)
-    assert [p.name for p in tu.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    latest = tu.latest_checkpoint(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    latest = latest_checkpoint(tmp_path)
     assert latest.name == "checkpoint-3"
-    state = torch.load(latest / tu.TRAINER_STATE_NAME, weights_only=True)
+    state = torch.load(latest / TRAINER_STATE_NAME, weights_only=True)
     assert state["global_step"] == 3 and isinstance(state["rng"][0]["torch"], torch.Tensor)
     from model import DenseEncoder
 
@@ -371,28 +380,28 @@ def test_checkpoint_files_layout_and_rotation(tmp_path):
         assert torch.equal(v, model.state_dict()[k])
     (tmp_path / "checkpoint-9").mkdir()                     # incomplete (no trainer_state.pt): ignored
     (tmp_path / "checkpoint-8.tmp-1").mkdir()
-    assert tu.latest_checkpoint(tmp_path).name == "checkpoint-3"
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
     assert not list(tmp_path.glob("*.tmp-*.*")) and not list(tmp_path.glob("*.old-*"))
 
 
 def test_prepare_output_dir_rules(tmp_path):
     out = tmp_path / "out"
-    tu.prepare_output_dir(out, overwrite=False, resume=False)      # absent: fine
+    prepare_output_dir(out, overwrite=False, resume=False)      # absent: fine
     (out / "checkpoint-5").mkdir(parents=True)
     with pytest.raises(InputError, match="overwrite_output_dir"):
-        tu.prepare_output_dir(out, overwrite=False, resume=False)
-    tu.prepare_output_dir(out, overwrite=False, resume=True)
+        prepare_output_dir(out, overwrite=False, resume=False)
+    prepare_output_dir(out, overwrite=False, resume=True)
     assert (out / "checkpoint-5").exists()
-    tu.prepare_output_dir(out, overwrite=True, resume=False)
+    prepare_output_dir(out, overwrite=True, resume=False)
     assert not (out / "checkpoint-5").exists()
 
 
 def test_checkpoint_paths_cli_prints_the_latest_or_fails(tmp_path, capsys):
-    import checkpoint_paths
+    from infra import checkpoint_paths
 
     for step in (2, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / tu.TRAINER_STATE_NAME).touch()
+        (tmp_path / f"checkpoint-{step}" / TRAINER_STATE_NAME).touch()
     (tmp_path / "checkpoint-11.tmp-5").mkdir()
     assert checkpoint_paths.main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "checkpoint-10")
@@ -403,9 +412,9 @@ def test_checkpoint_paths_cli_prints_the_latest_or_fails(tmp_path, capsys):
 def test_optimizer_step_clips_and_steps_schedule():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = tu.linear_schedule(opt, warmup_steps=0, total_steps=10)
+    sched = linear_schedule(opt, warmup_steps=0, total_steps=10)
     p.grad = torch.full((4,), 3.0)                              # norm 6 → clipped to 1
-    norm = tu.optimizer_step([p], opt, sched, tu.make_grad_scaler(torch.device("cpu"), False), 1.0)
+    norm = optimizer_step([p], opt, sched, make_grad_scaler(torch.device("cpu"), False), 1.0)
     assert norm.item() == pytest.approx(6.0)
     np.testing.assert_allclose(p.detach().numpy(), -np.full(4, 0.5), rtol=1e-6)
     assert p.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.9)
@@ -416,7 +425,7 @@ def test_optimizer_step_fp16_skips_the_step_and_the_schedule_on_inf_without_read
     The only host read is the GradScaler's own inf check (counted through Tensor.item)."""
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = tu.linear_schedule(opt, warmup_steps=0, total_steps=10)
+    sched = linear_schedule(opt, warmup_steps=0, total_steps=10)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     scaler.scale(torch.ones(()))                            # creates the scale, as scaling the loss does
     items = []
@@ -429,28 +438,28 @@ def test_optimizer_step_fp16_skips_the_step_and_the_schedule_on_inf_without_read
     p.grad = torch.tensor([float("inf"), 1.0])
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setattr(torch.Tensor, "item", counting_item)
-        tu.optimizer_step([p], opt, sched, scaler, 0.0)
+        optimizer_step([p], opt, sched, scaler, 0.0)
     assert len(items) == 1
     assert torch.equal(p.detach(), torch.ones(2)) and sched.last_epoch == 0 and scaler.get_scale() == 2.0
     p.grad = torch.tensor([2.0, 2.0])                       # unscaled by 2: 1.0 each
-    tu.optimizer_step([p], opt, sched, scaler, 0.0)
+    optimizer_step([p], opt, sched, scaler, 0.0)
     assert torch.equal(p.detach(), torch.zeros(2)) and sched.last_epoch == 1
 
 
 def test_autocast_contexts_keep_fp32_where_asked():
     cpu = torch.device("cpu")
     a = torch.randn(3, 3)
-    with tu.autocast_context(cpu, bf16=True):
+    with autocast_context(cpu, bf16=True):
         assert (a @ a).dtype == torch.bfloat16
-        with tu.fp32_context(cpu):
+        with fp32_context(cpu):
             assert (a @ a).dtype == torch.float32
     with pytest.raises(InputError):
-        tu.autocast_context(cpu, fp16=True, bf16=True)
+        autocast_context(cpu, fp16=True, bf16=True)
 
 
 def test_train_logger_writes_tensorboard_events(tmp_path):
 
-    log = tu.TrainLogger(tmp_path / "log", total_steps=3)
+    log = TrainLogger(tmp_path / "log", total_steps=3)
     log.step(1, loss=0.5)
     log.log({"loss": 0.5, "learning_rate": 1e-4}, step=1)
     log.step(1)
@@ -460,11 +469,11 @@ def test_train_logger_writes_tensorboard_events(tmp_path):
     scalars = read_scalars(tmp_path / "log")
     assert scalars == {"loss": [(1, 0.5), (2, 0.25)],
                        "learning_rate": [(1, pytest.approx(1e-4)), (2, pytest.approx(2e-4))]}
-    resumed = tu.TrainLogger(tmp_path / "log", total_steps=3, initial_step=1, purge_step=2)  # resumed at step 1
+    resumed = TrainLogger(tmp_path / "log", total_steps=3, initial_step=1, purge_step=2)  # resumed at step 1
     resumed.log({"loss": 0.75, "learning_rate": 3e-4}, step=2)
     resumed.close()
     assert read_scalars(tmp_path / "log")["loss"] == [(1, 0.5), (2, 0.75)]   # the old step 2 is purged
-    silent = tu.TrainLogger(tmp_path / "other_rank", total_steps=3, enabled=False)
+    silent = TrainLogger(tmp_path / "other_rank", total_steps=3, enabled=False)
     silent.log({"loss": 1.0}, step=1)
     silent.close()
     assert not (tmp_path / "other_rank").exists()
@@ -475,10 +484,10 @@ def test_train_logger_writes_tensorboard_events(tmp_path):
 def test_shared_flags_take_each_trainer_defaults_and_are_validated(capsys):
     import argparse
 
-    flags = tu.TrainerFlags(learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
+    flags = TrainerFlags(learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
                             init_help="i", preprocess_help="p", clip_help="c", run_folder="out", run_folders="x")
     parser = argparse.ArgumentParser()
-    tu.add_training_args(parser, flags)
+    add_training_args(parser, flags)
     args = parser.parse_args(["--init_path", "m", "--preprocess_dir", "d"])
     assert (args.learning_rate, args.num_train_epochs, args.warmup_steps, args.logging_steps) == (5e-6, 6.0, 2000, 100)
     assert (args.save_steps, args.save_total_limit, args.max_steps, args.seed) == (None, None, -1, 42)
@@ -506,7 +515,7 @@ class RecordingCollator:
         self.seen = n
 
 
-class RecordingDriver(tu.StepDriver):
+class RecordingDriver(StepDriver):
     """Records what the loop asks: each step's micro-batches, each log window's size and each epoch end."""
 
     def __init__(self, run):
@@ -523,7 +532,7 @@ class RecordingDriver(tu.StepDriver):
         return {"steps": float(steps)}
 
     def epoch_done(self, epoch):
-        saved = [p.name for p in tu.list_checkpoints(self.run.output_dir)]
+        saved = [p.name for p in list_checkpoints(self.run.output_dir)]
         self.events.append(("epoch", epoch, saved))
 
 
@@ -532,17 +541,17 @@ def skeleton_run(out: Path, collator: RecordingCollator, save_steps=None):
     torch.manual_seed(0)
     model = SavableLinear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = tu.GlobalBatchSampler(5, batch_size=1, seed=3)
-    plan = tu.TrainingPlan.create(sampler.batches_per_epoch, 2, num_train_epochs=2)
-    run = tu.TrainingRun(out, model, optimizer, tu.linear_schedule(optimizer, 0, plan.total_steps),
-                         tu.make_grad_scaler(torch.device("cpu"), False), plan, {"seed": 3}, save_steps=save_steps)
-    return run, tu.EpochData(list(range(5)), sampler, collator, seed=3)
+    sampler = GlobalBatchSampler(5, batch_size=1, seed=3)
+    plan = TrainingPlan.create(sampler.batches_per_epoch, 2, num_train_epochs=2)
+    run = TrainingRun(out, model, optimizer, linear_schedule(optimizer, 0, plan.total_steps),
+                         make_grad_scaler(torch.device("cpu"), False), plan, {"seed": 3}, save_steps=save_steps)
+    return run, EpochData(list(range(5)), sampler, collator, seed=3)
 
 
 def test_run_steps_logs_saves_and_calls_epoch_ends_on_schedule(tmp_path):
     run, data = skeleton_run(tmp_path / "out", RecordingCollator(), save_steps=4)
     driver = RecordingDriver(run)
-    tu.run_steps(run, data, driver, log_dir=None, logging_steps=4)
+    run_steps(run, data, driver, log_dir=None, logging_steps=4)
     steps = [e[1] for e in driver.events if e[0] == "step"]
     assert [len(b) for b in steps] == [2, 2, 1, 2, 2, 1]
     items = [[i for micro_batch in step for i in micro_batch] for step in steps]
@@ -551,26 +560,26 @@ def test_run_steps_logs_saves_and_calls_epoch_ends_on_schedule(tmp_path):
     # epoch ends before their checkpoints; a log window at step 4 and the leftover 2 steps at the end
     assert others == [("epoch", 1, []), ("log", 4, 4), ("epoch", 2, ["checkpoint-3", "checkpoint-4"]),
                       ("log", 6, 2)]
-    assert [p.name for p in tu.list_checkpoints(run.output_dir)] == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
-    assert torch.load(run.output_dir / "checkpoint-4" / tu.TRAINER_STATE_NAME, weights_only=True)["extra"] == \
+    assert [p.name for p in list_checkpoints(run.output_dir)] == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    assert torch.load(run.output_dir / "checkpoint-4" / TRAINER_STATE_NAME, weights_only=True)["extra"] == \
         {"epoch": 1, "step_in_epoch": 1, "settings": {"seed": 3}}
 
 
 def test_run_steps_stopped_and_resumed_reads_the_same_batches(tmp_path):
     straight_run, straight_data = skeleton_run(tmp_path / "straight", RecordingCollator())
     straight = RecordingDriver(straight_run)
-    tu.run_steps(straight_run, straight_data, straight, log_dir=None, logging_steps=100)
+    run_steps(straight_run, straight_data, straight, log_dir=None, logging_steps=100)
 
     first_run, first_data = skeleton_run(tmp_path / "resumed", RecordingCollator())
     first = RecordingDriver(first_run)
-    tu.run_steps(first_run, first_data, first, log_dir=None, logging_steps=100, end_step=2)
-    assert [p.name for p in tu.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]   # saved at the stop
+    run_steps(first_run, first_data, first, log_dir=None, logging_steps=100, end_step=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]   # saved at the stop
     collator = RecordingCollator()
     second_run, second_data = skeleton_run(tmp_path / "resumed", collator)
     second_run.resume(tmp_path / "resumed" / "checkpoint-2", collator)
-    assert second_run.progress == tu.Progress(0, 2, 2) and collator.seen == 4
+    assert second_run.progress == Progress(0, 2, 2) and collator.seen == 4
     second = RecordingDriver(second_run)
-    tu.run_steps(second_run, second_data, second, log_dir=None, logging_steps=100)
+    run_steps(second_run, second_data, second, log_dir=None, logging_steps=100)
     batches = [e[1] for d in (first, second) for e in d.events if e[0] == "step"]
     assert batches == [e[1] for e in straight.events if e[0] == "step"]
     assert [e for e in second.events if e[0] == "epoch"] == [("epoch", 1, ["checkpoint-2"]),
@@ -582,20 +591,20 @@ def test_run_steps_stopped_and_resumed_reads_the_same_batches(tmp_path):
 def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    info = tu.init_distributed(no_cuda=True)
+    info = init_distributed(no_cuda=True)
     try:
         local = torch.arange(rank + 2, dtype=torch.float32).mul(rank + 1).unsqueeze(1).repeat(1, 2)
         local.requires_grad_(True)
-        gathered = tu.all_gather_with_grad(local)
+        gathered = all_gather_with_grad(local)
         weights = torch.arange(gathered.shape[0], dtype=torch.float32).add(1).unsqueeze(1) * (rank + 1)
         (gathered * weights).sum().backward()                    # rank r's loss: Σ_k (k+1)(r+1)·x_k
-        count = tu.all_reduce_sum(torch.tensor(float(local.shape[0])))
+        count = all_reduce_sum(torch.tensor(float(local.shape[0])))
         # numpy: a tensor in a Queue is shared memory that dies with this process
-        queue.put((info.rank, gathered.detach().numpy(), local.grad.numpy(), tu.all_gather_object(rank * 10),
+        queue.put((info.rank, gathered.detach().numpy(), local.grad.numpy(), all_gather_object(rank * 10),
                    count.item()))
-        tu.barrier()  # both ranks done before the group is torn down
+        barrier()  # both ranks done before the group is torn down
     finally:
-        tu.cleanup_distributed()
+        cleanup_distributed()
     end_spawned_worker(queue)
 
 

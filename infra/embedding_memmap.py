@@ -1,7 +1,7 @@
 """The embedding memmap file: its format and manifest, opening it read-only with checks, and reading its rows in
 blocks of bounded memory.  numpy only (no torch), so a search can open embeddings without the encoder.
 
-Embedding memmap (written by ``corpus_encoding.encode_to_memmap``)
+Embedding memmap (written by ``infra.corpus_encoding.encode_to_memmap``)
 ------------------------------------------------------------------
 Raw float32 ``[N, dim]`` (``np.memmap``, no header), row = offset, plus ``<path>.manifest.json``::
 
@@ -25,8 +25,8 @@ from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
-from io_utils import InputError, PathLike, read_json, require_file
-from preprocess import read_token_meta
+from infra.io import InputError, PathLike, read_json, require_file
+from infra.token_meta import read_token_meta
 
 MANIFEST_FORMAT = "star-adore-embeddings/1"
 

@@ -13,7 +13,7 @@ run files split their columns on whitespace); an id is unique within its file; a
 ``queries.jsonl`` and a document of ``corpus.jsonl``; its score is an integer, kept as written.  A split keeps
 the queries its qrels name, in ``queries.jsonl`` order.  A document's text is ``title<sep>text`` of the
 right-stripped fields, the join of the MS MARCO document task (``<sep>`` is passed in by the caller); a query's
-text is right-stripped, as an MS MARCO query's.  Anything else raises :class:`io_utils.InputError` naming the
+text is right-stripped, as an MS MARCO query's.  Anything else raises :class:`infra.io.InputError` naming the
 file, the line and the value.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from io_utils import InputError, iter_lines, parse_int, require_file
+from infra.io import InputError, iter_lines, parse_int, require_file
 
 CORPUS, QUERIES, QRELS_DIR = "corpus.jsonl", "queries.jsonl", "qrels"
 SPLITS = ("train", "dev", "test")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from io_utils import InputError
+from infra.io import InputError
 
 NO_DECAY_PATTERNS = ("bias", "LayerNorm.weight")
 OPTIMIZERS = ("lamb", "adamw")

@@ -3,13 +3,9 @@ epoch / optimizer step / micro-batch skeleton with its logging and checkpoint sc
 
 A trainer builds a :class:`TrainingRun` (model, optimizer, schedule, plan, progress: what its checkpoints hold),
 an :class:`EpochData` (what each epoch reads) and a :class:`StepDriver` (its own optimizer step and the scalars it
-logs), then calls :func:`run_steps`.  The pieces below the loop live in their own modules and are re-exported
-here, so ``import train_utils as tu`` reaches all of them:
-
-* ``optim_utils`` — Lamb, parameter groups, the linear schedule, mixed precision and the optimizer step;
-* ``batch_plan`` — the plan (steps per epoch, total steps), the progress and the resumable batch sampler;
-* ``checkpoint_paths`` / ``checkpoint_utils`` — finding, writing and restoring ``checkpoint-<step>/``, RNG states;
-* ``dist_utils`` — DDP process placement and collectives.
+logs), then calls :func:`run_steps`.  The pieces below the loop have their own modules: ``infra.optim``
+(Lamb, schedule, mixed precision), ``infra.batch_plan`` (plan, progress, resumable sampler), ``infra.checkpoint_paths``
+and ``infra.checkpoints`` (``checkpoint-<step>/`` folders, RNG states), ``infra.distributed`` (DDP and collectives).
 """
 from __future__ import annotations
 
@@ -24,19 +20,11 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import cli_types as ct
-from batch_plan import BackgroundIterator, GlobalBatchSampler, Progress, TrainingPlan, epoch_seed
-from checkpoint_paths import (CHECKPOINT_PREFIX, TRAINER_STATE_NAME, checkpoint_step, latest_checkpoint,
-                              list_checkpoints)
-from checkpoint_utils import (STATE_FORMAT_VERSION, checkpoint_to_resume, damaged_checkpoint, get_rng_state,
-                              load_checkpoint, prepare_output_dir, save_checkpoint, set_rng_state, set_seed)
-from dataset import TokenIdsCache
-from dist_utils import (DistInfo, all_gather_object, all_gather_with_grad, all_reduce_sum, barrier,
-                        cleanup_distributed, get_rank, get_world_size, init_distributed, unwrap_model)
-from io_utils import PathLike
-from model import DenseEncoder
-from optim_utils import (NO_DECAY_PATTERNS, OPTIMIZERS, Lamb, autocast_context, build_optimizer, fp32_context,
-                         linear_schedule, make_grad_scaler, optimizer_step, param_groups)
+from infra import cli_types as ct
+from infra.batch_plan import BackgroundIterator, GlobalBatchSampler, Progress, TrainingPlan, epoch_seed
+from infra.checkpoint_paths import TRAINER_STATE_NAME
+from infra.checkpoints import damaged_checkpoint, load_checkpoint, save_checkpoint
+from infra.io import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +97,18 @@ def add_training_args(parser: argparse.ArgumentParser, flags: TrainerFlags) -> a
     return g
 
 
-def cap_training_args(args: argparse.Namespace, lengths: Mapping[str, str]) -> None:
+def cap_training_args(args: argparse.Namespace, token_files: Mapping[str, Any]) -> None:
     """Size what the shared flags' ranges leave unbounded by the machine and the data: ``--dataloader_num_workers``
-    is capped at the CPUs (:func:`cli_types.at_most_cpus`), and each token-length flag of ``lengths`` (its dest →
-    the token file prefix in ``--preprocess_dir``, e.g. ``{"max_doc_length": "passages"}``) at the width that file
-    stores: no sequence is longer, so a larger value would only widen the batches padded to full length (an absurd
-    one would exhaust memory).  Raises :class:`InputError` for a missing or malformed token file."""
+    is capped at the CPUs (:func:`infra.cli_types.at_most_cpus`), and each token-length flag of ``token_files`` (its dest →
+    the ``dataset.TokenIdsCache`` it reads, e.g. ``{"max_doc_length": TokenIdsCache(dir, "passages")}``) at the
+    width that file stores: no sequence is longer, so a larger value would only widen the batches padded to full
+    length (an absurd one would exhaust memory)."""
     args.dataloader_num_workers = ct.at_most_cpus(args.dataloader_num_workers, "--dataloader_num_workers")
-    for dest, prefix in lengths.items():
-        width = TokenIdsCache(args.preprocess_dir, prefix).max_length
+    for dest, cache in token_files.items():
+        width = cache.max_length
         if getattr(args, dest) > width:
             logger.info("--%s %d: the %s rows hold at most %d tokens, so batches are padded to %d at most", dest,
-                        getattr(args, dest), prefix, width, width)
+                        getattr(args, dest), cache.prefix, width, width)
             setattr(args, dest, width)
 
 
@@ -173,15 +161,6 @@ class TrainLogger:
 # A run: its checkpointed state, resume, and the data each epoch reads
 # ----------------------------------------------------------------------------------------------------------
 
-def load_init_model(init_path: PathLike, **kwargs: Any) -> DenseEncoder:
-    """``DenseEncoder.from_pretrained(init_path, **kwargs)``; every model the run saves carries the init folder's
-    tokenizer files, and a folder without any is logged once (the saved folders then have no tokenizer)."""
-    model = DenseEncoder.from_pretrained(init_path, **kwargs)
-    if not model.tokenizer_files:
-        logger.info("%s holds no tokenizer files: the saved models will carry none", init_path)
-    return model
-
-
 def resume_settings(args: argparse.Namespace, keys: Iterable[str], **extra: Any) -> dict[str, Any]:
     """The values of the flags ``keys`` (and ``extra``) that decide the data order and the loss: stored in every
     checkpoint, so that resuming with other values can be warned about."""
@@ -202,7 +181,7 @@ class TrainingRun:
     ``model`` is the unwrapped model (not its DDP wrapper); ``settings`` come from :func:`resume_settings`.  A
     checkpoint is written at every epoch end, every ``save_steps`` steps (if > 0) and when training stops;
     ``save_total_limit`` keeps only the newest ones.  Its ``extra`` state is ``{"epoch", "step_in_epoch",
-    "settings"}`` (:func:`checkpoint_utils.save_checkpoint`).
+    "settings"}`` (:func:`infra.checkpoints.save_checkpoint`).
     """
 
     output_dir: Path
@@ -221,7 +200,7 @@ class TrainingRun:
         """Restore ``checkpoint`` (weights, optimizer, schedule, scaler, RNG states, progress), warn about changed
         settings, and tell ``collator`` how many batches it already collated (only its first ones are padded to
         the maximum lengths).  Call before wrapping the model in DDP and before writing anything: a damaged or
-        foreign checkpoint raises :class:`InputError` naming its folder (:func:`checkpoint_utils.load_checkpoint`)."""
+        foreign checkpoint raises :class:`InputError` naming its folder (:func:`infra.checkpoints.load_checkpoint`)."""
         extra = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
         if not all(isinstance(extra.get(key), int) for key in ("epoch", "step_in_epoch")):
             raise damaged_checkpoint(checkpoint, f"{TRAINER_STATE_NAME} lacks the epoch and step_in_epoch of a run")
@@ -251,7 +230,7 @@ class EpochData:
     """What the loop reads: a dataset, its :class:`GlobalBatchSampler` and collator, and the DataLoader settings.
     A dataset whose items depend on the epoch (STAR's sampled negatives) has a ``set_epoch(epoch)`` method.
     ``read_ahead`` > 0 without DataLoader workers: up to that many batches are collated ahead in a background
-    thread (:class:`batch_plan.BackgroundIterator`: the same batches in the same order) while the step runs; with
+    thread (:class:`infra.batch_plan.BackgroundIterator`: the same batches in the same order) while the step runs; with
     workers the DataLoader already reads ahead."""
 
     dataset: Dataset
@@ -342,22 +321,3 @@ def _train_epochs(run: TrainingRun, data: EpochData, driver: StepDriver, log: Tr
         log.log(driver.scalars(unlogged), progress.global_step)
     if last_saved != progress.global_step:
         run.save()
-
-
-__all__ = [
-    # this module
-    "HelpFormatter", "TrainerFlags", "add_training_args", "cap_training_args",
-    "TrainLogger", "resume_settings", "TrainingRun", "EpochData", "StepDriver", "run_steps",
-    # optim_utils
-    "NO_DECAY_PATTERNS", "OPTIMIZERS", "Lamb", "param_groups", "build_optimizer", "linear_schedule",
-    "autocast_context", "fp32_context", "make_grad_scaler", "optimizer_step",
-    # batch_plan
-    "Progress", "TrainingPlan", "epoch_seed", "GlobalBatchSampler", "BackgroundIterator",
-    # checkpoint_paths, checkpoint_utils
-    "CHECKPOINT_PREFIX", "TRAINER_STATE_NAME", "checkpoint_step", "list_checkpoints", "latest_checkpoint",
-    "STATE_FORMAT_VERSION", "set_seed", "get_rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-    "prepare_output_dir", "checkpoint_to_resume",
-    # dist_utils
-    "DistInfo", "init_distributed", "cleanup_distributed", "get_rank", "get_world_size", "barrier",
-    "all_gather_object", "all_reduce_sum", "all_gather_with_grad", "unwrap_model",
-]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from io_utils import InputError, env_int
+from infra.io import InputError, env_int
 
 
 @dataclass(frozen=True)
@@ -174,17 +174,17 @@ def sharded_topk(search: Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndar
                  k: int, row_start: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-``k`` of this rank's ``queries`` over ``n_rows`` rows split across the ranks, each rank
     holding the consecutive rows ``[row_start, row_start + its count)``, the ranges increasing with the rank
-    (:func:`exact_search.shard_rows`); ``search(queries, k)`` is the exact search of this rank's rows (local ids,
+    (:func:`infra.exact_search.shard_rows`); ``search(queries, k)`` is the exact search of this rank's rows (local ids,
     the format of :mod:`exact_search`: rows sorted by score desc, id asc).  A collective: every rank calls it,
     with the same ``k``.
 
     The queries of all ranks are all-gathered (counts may differ), searched here, their ids shifted by
     ``row_start``; the (score, id) lists of every rank are all-gathered (padded to the widest with
     ``PAD_SCORE``/``PAD_ID``, where a shard has fewer than ``k`` rows) and this rank's rows merged with
-    :func:`exact_search.merge_topk`: as the shards are increasing row ranges, equal scores keep the order of one
+    :func:`infra.exact_search.merge_topk`: as the shards are increasing row ranges, equal scores keep the order of one
     search over all rows (id asc).  Returns ``(scores float32, ids int64)`` ``[len(queries), min(k, n_rows)]``,
     numpy.  Without a process group: ``search(queries, k)`` with ids shifted."""
-    from exact_search import PAD_ID, PAD_SCORE, merge_topk  # numpy + faiss: only for the callers that search
+    from infra.exact_search import PAD_ID, PAD_SCORE, merge_topk  # numpy + faiss: only for the callers that search
 
     every, sizes = all_gather_rows(queries)
     scores, ids = search(every, k)

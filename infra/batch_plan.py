@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from io_utils import InputError
+from infra.io import InputError
 
 
 @dataclass

@@ -3,14 +3,14 @@ of queries once per training step, and the fp32 embeddings of the rows retrieved
 against the top-k that the current encoder retrieves from fixed document embeddings).
 
 * :class:`TensorIPIndex` — the embeddings as a torch tensor (on the model's GPU, or on the CPU), searched exactly
-  with a chunked fp32 matmul + top-k; results and tie order as :class:`exact_search.FlatIPIndex` (the format of
+  with a chunked fp32 matmul + top-k; results and tie order as :class:`infra.exact_search.FlatIPIndex` (the format of
   :mod:`exact_search`).
 * :class:`TrainingIndex` — what a training step needs: one exact top-k search for the whole batch
-  (:class:`exact_search.FlatIPIndex` on CPU / one GPU / sharded GPUs, or a :class:`TensorIPIndex`) and the fp32
+  (:class:`infra.exact_search.FlatIPIndex` on CPU / one GPU / sharded GPUs, or a :class:`TensorIPIndex`) and the fp32
   embeddings of given rows (gathered from the tensor, or from the read-only memmap as the original did).
 * :func:`build_training_index` — chooses the backend.
 
-Under torchrun each process builds one of these over its own rows only (adore/train.py, ``dist_utils.sharded_topk``).
+Under torchrun each process builds one of these over its own rows only (adore/train.py, ``infra.distributed.sharded_topk``).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from embedding_memmap import iter_row_blocks
-from exact_search import (MAX_SEARCH_BLOCK_BYTES, QUERY_BATCH, FlatIPIndex, as_float32_matrix, exact_topk,
-                          join_batches, resolve_faiss_gpus)
-from io_utils import InputError
+from infra.embedding_memmap import iter_row_blocks
+from infra.exact_search import (MAX_SEARCH_BLOCK_BYTES, QUERY_BATCH, FlatIPIndex, as_float32_matrix, exact_topk,
+                                join_batches, resolve_faiss_gpus)
+from infra.io import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Formats (the number of fields of the first non-blank line decides)
 
 Rules, each with its reason
 ---------------------------
-1. Text: UTF-8, LF or CRLF line ends, a leading byte-order mark ignored (:func:`io_utils.iter_lines`); bytes that
+1. Text: UTF-8, LF or CRLF line ends, a leading byte-order mark ignored (:func:`infra.io.iter_lines`); bytes that
    are not UTF-8 are an error naming the line.
 2. Fields are split on any run of whitespace, tabs or spaces: the original msmarco_eval.py split candidate lines
    on tabs, trec_eval splits on any whitespace, and both kinds of files circulate in either form.
@@ -43,7 +43,7 @@ Rules, each with its reason
    depend on the sort algorithm), and an infinite score comes from an overflow or a padded result, not a ranking.
 8. The ``Q0`` and ``tag`` columns of a TREC run are not read (trec_eval ignores them too).
 
-Anything else raises :class:`io_utils.InputError` naming the file, the line and the value.  Rules over a whole
+Anything else raises :class:`infra.io.InputError` naming the file, the line and the value.  Rules over a whole
 ranking (how deep it may go, a rank or a document given twice) belong to the caller: msmarco_eval follows the
 original's 1000-slot table, prepare_hardneg keeps each document's best rank.
 """
@@ -56,7 +56,7 @@ from typing import Hashable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from io_utils import InputError, PathLike, iter_lines, parse_int, require_file
+from infra.io import InputError, PathLike, iter_lines, parse_int, require_file
 
 ID_KINDS = ("int", "doc", "str")
 FORMATS = {3: "qid docid rank", 4: "qid docid rank score", 6: "TREC qid Q0 docid rank score tag"}

@@ -1,10 +1,10 @@
 """Where a training run's checkpoints are: the ``checkpoint-<step>/`` folder names and finding them.
 
 Torch-free, so that ``results_table.py`` and ``reproduce.sh`` can list checkpoints without importing torch.
-A checkpoint counts once complete, i.e. once its ``trainer_state.pt`` exists (``checkpoint_utils.py`` writes the folder
+A checkpoint counts once complete, i.e. once its ``trainer_state.pt`` exists (``infra/checkpoints.py`` writes the folder
 under a temporary name and renames it into place).
 
-    python -m checkpoint_paths DIR      # prints DIR's latest checkpoint; exit status 1 when there is none
+    python -m infra.checkpoint_paths DIR      # prints DIR's latest checkpoint; exit status 1 when there is none
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from io_utils import PathLike
+from infra.io import PathLike
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.pt"
+#: The weights file of a model folder, and so of each checkpoint (a checkpoint is a model folder plus state).
+SAFETENSORS_NAME = "model.safetensors"
 
 
 def checkpoint_step(path: PathLike) -> Optional[int]:
@@ -42,10 +44,10 @@ def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m checkpoint_paths DIR``: print DIR's latest checkpoint, or say there is none (status 1)."""
+    """``python -m infra.checkpoint_paths DIR``: print DIR's latest checkpoint, or say there is none (status 1)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m checkpoint_paths DIR", file=sys.stderr)
+        print("usage: python -m infra.checkpoint_paths DIR", file=sys.stderr)
         return 2
     latest = latest_checkpoint(args[0])
     if latest is None:

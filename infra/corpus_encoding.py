@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -21,10 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from dataset import SequenceDataset
-from embedding_memmap import MANIFEST_FORMAT, iter_row_blocks, manifest_mismatch, manifest_path, read_manifest
-from encoding_plan import batch_bounds, encoding_order, flush_points, shard_positions
-from io_utils import InputError, PathLike, atomic_output, atomic_write_json
+from infra.embedding_memmap import MANIFEST_FORMAT, iter_row_blocks, manifest_mismatch, manifest_path, read_manifest
+from infra.encoding_plan import batch_bounds, encoding_order, flush_points, shard_positions
+from infra.io import InputError, PathLike, atomic_output, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,18 @@ TOKEN_BATCHING_BLOCK_ROWS = 65536  # the same with a token budget (batches of th
 MAX_ASSEMBLY_BLOCK_BYTES = 1 << 28  # shard rows read at a time when assembling shards
 
 
-def encode_to_memmap(model: torch.nn.Module, dataset: SequenceDataset, out_path: PathLike, batch_size: int,
+class TokenRows(Protocol):
+    """What encoding reads from a ``dataset.SequenceDataset``: the rows to encode (``offsets`` into the token
+    ``cache``), their ``lengths`` after truncation to ``max_seq_length``, and whole padded batches."""
+    cache: Any
+    offsets: np.ndarray
+    lengths: np.ndarray
+    max_seq_length: int
+
+    def padded_batch(self, indices: np.ndarray, pad_token_id: int) -> tuple[dict[str, torch.Tensor], np.ndarray]: ...
+
+
+def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathLike, batch_size: int,
                      device: torch.device | str, pad_token_id: int, model_id: str, amp: Optional[str] = None,
                      resume: bool = True, overwrite: bool = False, block_rows: Optional[int] = None,
                      num_workers: int = 0, desc: str = "encode", unit: str = "passage",
@@ -229,7 +239,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.DataParallel) else model
 
 
-def _order_hash(dataset: SequenceDataset, order: np.ndarray) -> str:
+def _order_hash(dataset: TokenRows, order: np.ndarray) -> str:
     """Fingerprint of the encoding order: the offsets in order and their (truncated) lengths."""
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(dataset.offsets[order], dtype="<i8").tobytes())
@@ -288,7 +298,7 @@ def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, ov
 class _EncodeJob:
     """Everything one encoding run needs."""
     model: torch.nn.Module
-    dataset: SequenceDataset
+    dataset: TokenRows
     order: np.ndarray             # dataset item indices, longest first
     embeddings: np.memmap         # opened r+
     manifest: dict
@@ -320,10 +330,10 @@ class _PlannedBatches(Sampler):
 
 
 class _BatchReader(Dataset):
-    """Whole batches of a :class:`SequenceDataset`, each read and padded at once
-    (:meth:`SequenceDataset.padded_batch`)."""
+    """Whole batches of a :class:`dataset.SequenceDataset`, each read and padded at once
+    (its ``padded_batch``)."""
 
-    def __init__(self, dataset: SequenceDataset, pad_token_id: int):
+    def __init__(self, dataset: TokenRows, pad_token_id: int):
         self.dataset, self.pad_token_id = dataset, pad_token_id
 
     def __len__(self) -> int:

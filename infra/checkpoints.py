@@ -7,7 +7,7 @@ folder and renamed into place; :func:`load_checkpoint` restores it, or refuses a
 restoring anything (:func:`damaged_checkpoint`).  The RNG states (:func:`get_rng_state` /
 :func:`set_rng_state`, after :func:`set_seed`) are part of it, so dropout continues as if never stopped.
 :func:`prepare_output_dir` applies the run folder's rules (non-empty, ``--overwrite_output_dir``, ``--resume``) and
-:func:`checkpoint_to_resume` picks the checkpoint ``--resume`` continues from (``checkpoint_paths.py`` finds them).
+:func:`checkpoint_to_resume` picks the checkpoint ``--resume`` continues from (``infra/checkpoint_paths.py`` finds them).
 """
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from checkpoint_paths import (CHECKPOINT_PREFIX, TRAINER_STATE_NAME, checkpoint_step, latest_checkpoint,
-                              list_checkpoints)
-from dist_utils import all_gather_object, barrier, get_rank, get_world_size, unwrap_model
-from io_utils import InputError, PathLike, atomic_directory, atomic_write_json, remove_stale_temporaries
-from model import SAFETENSORS_NAME
+from infra.checkpoint_paths import (CHECKPOINT_PREFIX, SAFETENSORS_NAME, TRAINER_STATE_NAME, checkpoint_step,
+                                    latest_checkpoint, list_checkpoints)
+from infra.distributed import all_gather_object, barrier, get_rank, get_world_size, unwrap_model
+from infra.io import InputError, PathLike, atomic_directory, atomic_write_json, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ def load_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None,
 
 def prepare_output_dir(output_dir: PathLike, overwrite: bool, resume: bool) -> None:
     """Refuse a non-empty ``output_dir`` unless ``resume`` or ``overwrite`` (HF Trainer rule); then delete the
-    ``*.tmp-<pid>`` / ``*.old-<pid>`` folders a killed run left there (:func:`io_utils.remove_stale_temporaries`).
+    ``*.tmp-<pid>`` / ``*.old-<pid>`` folders a killed run left there (:func:`infra.io.remove_stale_temporaries`).
 
     With ``overwrite`` (and not ``resume``) the old ``checkpoint-*`` folders are deleted (rank 0), so a later
     ``--resume`` cannot pick up a previous run's checkpoint.

@@ -21,9 +21,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-import cli_types as ct
-from embedding_memmap import iter_row_blocks
-from io_utils import InputError, PathLike, atomic_output
+from infra import cli_types as ct
+from infra.embedding_memmap import iter_row_blocks
+from infra.io import InputError, PathLike, atomic_output
 
 logger = logging.getLogger(__name__)
 
