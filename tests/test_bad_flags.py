@@ -322,12 +322,13 @@ def test_preprocess_width_is_capped_by_the_tokenizer_model_max_length(tmp_path, 
 def test_training_lengths_and_workers_are_capped_by_the_data_and_the_cpus(tmp_path):
     import argparse
 
+    from dataset import TokenIdsCache
     from infra.training_loop import cap_training_args
 
     write_token_memmap(tmp_path, "passages", [3, 5, 4], width=7, seed=0)
     args = argparse.Namespace(preprocess_dir=str(tmp_path), max_doc_length=10 ** 12, dataloader_num_workers=10 ** 12)
-    cap_training_args(args, {"max_doc_length": "passages"})
+    cap_training_args(args, {"max_doc_length": TokenIdsCache(tmp_path, "passages")})
     assert (args.max_doc_length, args.dataloader_num_workers) == (7, os.cpu_count() or 1)
     args.max_doc_length, args.dataloader_num_workers = 6, 0
-    cap_training_args(args, {"max_doc_length": "passages"})
+    cap_training_args(args, {"max_doc_length": TokenIdsCache(tmp_path, "passages")})
     assert (args.max_doc_length, args.dataloader_num_workers) == (6, 0)  # within the bounds: unchanged
