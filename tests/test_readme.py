@@ -162,8 +162,9 @@ def command_problems(words: list[str], repo_dir: Path, reproduce_help: str, down
         return problems
     if script == "download_data.sh":
         targets = download_targets(repo_dir)
-        return [f"download_data.sh does not take {word}" for word in rest
-                if not word.startswith("-") and (word not in targets or not re.search(rf"\b{word}\b", download_help))]
+        words_before_flags = rest[:next((i for i, word in enumerate(rest) if word.startswith("-")), len(rest))]
+        return [f"download_data.sh does not take {word}" for word in words_before_flags
+                if word not in targets or not re.search(rf"\b{word}\b", download_help)]
     return []
 
 
