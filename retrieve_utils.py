@@ -35,7 +35,7 @@ from infra.exact_search import add_search_args, exact_search, faiss_gpu_count, m
 import torch
 import torch.distributed as dist
 
-from infra.corpus_encoding import encode_to_memmap
+from infra.corpus_encoding import EncodingSettings, encode_to_memmap
 from dataset import SequenceDataset, TokenIdsCache
 from infra.distributed import barrier, init_distributed
 from infra.embedding_memmap import open_embeddings
@@ -172,12 +172,13 @@ def encode_split(model: torch.nn.Module, model_id: str, preprocess_dir: PathLike
     With a sharded ``placement`` this process encodes its shard; torchrun's ranks then wait for each other, rank
     0 assembles the shards, and every rank gets the complete memmap; a ``--shard_id`` job gets None."""
     dataset = SequenceDataset(TokenIdsCache(preprocess_dir, prefix), max_length)
-    unit = "query" if prefix.endswith("query") else "passage"
+    settings = EncodingSettings(batch_size, device, pad_token_id, amp=amp, batch_tokens=batch_tokens,
+                                num_workers=num_workers, desc=f"encode {prefix}",
+                                unit="query" if prefix.endswith("query") else "passage")
 
     def encode(shard: Optional[tuple[int, int]], overwrite: bool = overwrite) -> Optional[np.memmap]:
-        return encode_to_memmap(model, dataset, out_path, batch_size, device, pad_token_id, model_id, amp=amp,
-                                resume=True, overwrite=overwrite, num_workers=num_workers, desc=f"encode {prefix}",
-                                unit=unit, batch_tokens=batch_tokens, shard=shard)
+        return encode_to_memmap(model, dataset, out_path, model_id, settings, resume=True, overwrite=overwrite,
+                                shard=shard)
 
     if placement is None or placement.num_shards == 1:
         return encode(None)

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where the query memmap and the rank file go")
     parser.add_argument("--preprocess_dir", required=True, help="preprocessed data ({mode}-query memmaps)")
     parser.add_argument("--mode", choices=SPLIT_NAMES, required=True, help="query split")
-    parser.add_argument("--dmemmap_path", required=True, help="document embeddings (STAR passages.memmap)")
+    parser.add_argument("--dmemmap_path", "--doc_embeddings", required=True,
+                        help="document embeddings (STAR passages.memmap)")
     parser.add_argument("--max_seq_length", type=ct.positive_int, default=64,
                         help="query truncation in tokens (default %(default)s)")
     parser.add_argument("--pergpu_eval_batch_size", type=ct.positive_int, default=32,

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=ct.CompactHelpFormatter)
     add_training_args(p, ADORE_FLAGS)
     data = p.add_argument_group("data and model")
-    data.add_argument("--pembed_path", required=True,
+    data.add_argument("--pembed_path", "--doc_embeddings", required=True,
                       help="frozen document embeddings (star.inference)")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
                       help="passage: --metric_cut 200 by default")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--index_backend", choices=INDEX_BACKENDS, default="auto", help="where the index lives")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
-    hw.add_argument("--faiss_gpu_index", type=ct.non_negative_int, nargs="*", default=[],
+    hw.add_argument("--faiss_gpu_index", "--faiss_gpus", type=ct.non_negative_int, nargs="*", default=[],
                     help="faiss GPUs (several: sharded; none: CPU)")
     hw.add_argument("--faiss_omp_num_threads", type=ct.positive_int, default=None,
                     help="CPU faiss threads (default: one per core)")
@@ -185,7 +185,7 @@ def check_torchrun_args(args: argparse.Namespace, world_size: int) -> None:
         raise InputError("--model_device cuda but CUDA is not available", value=args.model_device)
 
 
-def placement(args: argparse.Namespace) -> DistInfo:
+def dist_info_for(args: argparse.Namespace) -> DistInfo:
     """Where this process trains.  One process: rank 0 of 1 on :func:`resolve_model_device`.  Under torchrun: the
     process group is joined (:func:`infra.distributed.init_distributed`: ``cuda:LOCAL_RANK`` over nccl, or the CPU over
     gloo with ``--no_cuda`` / ``--model_device cpu`` / no CUDA)."""
@@ -399,7 +399,7 @@ class Window:
 
 
 @dataclass
-class Trainer(StepDriver):
+class AdoreStep(StepDriver):
     """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`infra.training_loop.run_steps`: its
     optimizer step (clipping after every micro-batch's backward, then AdamW without clipping), its ``Window`` of
     logged scalars and the ``epoch-<k>`` model folders.
@@ -482,9 +482,9 @@ def _remove_old_epochs(save_dir: Path) -> None:
             shutil.rmtree(old)
 
 
-def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
+def setup(args: argparse.Namespace, info: DistInfo) -> AdoreStep:
     """Model, frozen index (this rank's shard under torchrun), data, optimizer and schedule (restored from the latest
-    checkpoint with --resume), on ``info.device`` (:func:`placement`).
+    checkpoint with --resume), on ``info.device`` (:func:`dist_info_for`).
 
     The inputs (init model, document embeddings against the corpus of --preprocess_dir, queries) are checked
     before the output folder is touched; a damaged checkpoint is refused before anything is written."""
@@ -521,7 +521,7 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     data = EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
                         pin_memory=device.type == "cuda")
-    return Trainer(args, info, model, wrapped, index, data, run)
+    return AdoreStep(args, info, model, wrapped, index, data, run)
 
 
 def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> None:
@@ -535,7 +535,7 @@ def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> 
 def train(args: argparse.Namespace) -> Path:
     """Run ADORE training as configured by the validated ``args`` (under torchrun: this process's part of it);
     returns ``model_save_dir``."""
-    info = placement(args)
+    info = dist_info_for(args)
     try:
         t = setup(args, info)
         plan = t.run.plan

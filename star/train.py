@@ -236,7 +236,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 
-class StarSteps(StepDriver):
+class StarStep(StepDriver):
     """STAR's optimizer step: the micro-batches' gradients accumulated (:func:`accumulate_gradients`), then
     clipping and the optimizer step (:func:`infra.optim.optimizer_step`).  Logged: ``loss`` (averaged over the
     logged steps and the ranks), ``learning_rate`` and the fractional ``epoch``."""
@@ -307,7 +307,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Path:
     epochs = EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
                           pin_memory=info.device.type == "cuda",
                           read_ahead=READ_AHEAD_STEPS * args.gradient_accumulation_steps)
-    run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
+    run_steps(run, epochs, StarStep(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
                  logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:
         model.save_pretrained(output_dir)

@@ -53,3 +53,26 @@ def test_compact_usage_names_the_required_flags_only(monkeypatch):
     assert " ".join(usage.split()) == ("usage: python -m adore.train --init_path PATH --preprocess_dir DIR "
                                        "--pembed_path PATH --model_save_dir DIR [options]")
     assert "--per_gpu_batch_size N" in text and "--learning_rate X" in text and "(default: 5e-06)" in text
+
+
+# Required arguments of the commands with aliases; the aliased flag is given last, by one name or the other.
+ALIASES = [
+    ("adore.train", ["--init_path", "m", "--preprocess_dir", "p", "--model_save_dir", "o"], "--pembed_path",
+     "--doc_embeddings", ["e"]),
+    ("adore.inference", ["--model_dir", "m", "--output_dir", "o", "--preprocess_dir", "p", "--mode", "dev"],
+     "--dmemmap_path", "--doc_embeddings", ["e"]),
+    ("adore.train", ["--init_path", "m", "--preprocess_dir", "p", "--model_save_dir", "o", "--pembed_path", "e"],
+     "--faiss_gpu_index", "--faiss_gpus", ["0", "2"]),
+]
+
+
+@pytest.mark.parametrize("module, required, original, alias, values", ALIASES)
+def test_an_alias_sets_what_the_original_flag_sets(module, required, original, alias, values):
+    """``--doc_embeddings`` names the document embeddings in both ADORE commands and ``--faiss_gpus`` the faiss
+    GPUs in every command that searches; the original names keep working."""
+    parser = importlib.import_module(module).build_parser()
+    by_original = parser.parse_args([*required, original, *values])
+    by_alias = parser.parse_args([*required, alias, *values])
+    assert vars(by_alias) == vars(by_original)
+    dest = original.lstrip("-")
+    assert getattr(by_alias, dest) == (values[0] if len(values) == 1 else [int(v) for v in values])
