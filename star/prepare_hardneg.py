@@ -1,5 +1,5 @@
 """Static hard negatives for STAR, as the original star/prepare_hardneg.py: rank the corpus for every query of a
-split, drop the query's positives and keep the first ``--topk`` documents in rank order.
+split, drop the query's positives and keep the first --topk documents in rank order.
 
     python -m star.prepare_hardneg --data_type passage --max_doc_length 256 --mode train --topk 200
 
