@@ -184,6 +184,7 @@ def test_adore_inference_refuses_mismatched_embeddings_and_keeps_the_rank_file(t
     assert tree_hash(tmp_path, skip_tmp=False) == before
 
 
+@pytest.mark.slow
 def test_adore_train_refuses_embeddings_shorter_than_their_manifest_before_touching_the_output(tmp_path):
     data = make_adore_data(tmp_path / "data")
     manifest_path(data.emb).write_text(json.dumps({

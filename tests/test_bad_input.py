@@ -66,6 +66,7 @@ def test_preprocess_wrong_data_type_is_a_usage_error(tmp_path, bert_dir):
                      "--data_type")
 
 
+@pytest.mark.slow
 def test_preprocess_existing_output_is_refused_and_kept(tmp_path, bert_dir):
     data = write_files(tmp_path / "dataset", TINY)
     out = tmp_path / "out"
@@ -232,6 +233,7 @@ print("SAFE-RUN-OK")
 """
 
 
+@pytest.mark.slow
 def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
     """preprocess → star inference → msmarco_eval → cvt_back with pickle.load/loads and any torch.load that is
     not weights_only=True made to fail: the project reads no pickle by default (the compat *.pickle files that
