@@ -1,25 +1,12 @@
 """Convert a rank file from offsets back to official MS MARCO ids, as the original cvt_back.py.
 
-Reads ``{input_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank[\\tscore]``, as written by star/adore inference;
-line rules in :mod:`run_file`) and maps every offset through the safe id maps of ``--preprocess_dir`` (never the
-pickles the original inverted):
+    python -m cvt_back --input_dir data/passage/evaluate/star --preprocess_dir data/passage/preprocess \\
+        --mode dev --output_dir data/passage/evaluate/star/official --dataset passage
 
-* ``passages_ids.npy``: int64 ``[N]``, the official pid/docid of each passage/document offset;
-* ``{mode}-query_ids.npy``: int64 ``[Nq]``, the official qid of each query offset.
-
-A preprocessing of the BEIR layout (``preprocess.py --input_format beir``) stores string ids (unicode ``.npy``):
-they are written as they are (``CACM-1410``); score such output with ``msmarco_eval.py --string_ids``.
-
-Output (written atomically; an existing file is refused unless ``--overwrite``):
-
-* default: ``{output_dir}/{mode}.rank.tsv``, lines ``qid\\tpid\\trank`` (``D`` + docid with ``--dataset doc``), in
-  the input's line order, the score column kept when the input has one.  Score it with
-  ``python msmarco_eval.py qrels.dev.small.tsv OUT`` (passages) or ``... msmarco-docdev-qrels.tsv OUT doc``;
-* ``--trec``: ``{output_dir}/{mode}.trec``, TREC run lines ``qid Q0 docid rank score tag`` for trec_eval,
-  ir_measures or pyserini; score = the input's score column, else 1/rank (as the original test_trec_eval.py).
-
-Example: ``python cvt_back.py --input_dir data/passage/evaluate/star --preprocess_dir data/passage/preprocess
---mode dev --output_dir data/passage/evaluate/star/official --dataset passage``.
+Reads ``{input_dir}/{mode}.rank.tsv`` (offsets, as the inference commands write it), maps every offset through
+the id maps of ``--preprocess_dir`` (never the pickles the original inverted) and writes
+``{output_dir}/{mode}.rank.tsv`` or, with ``--trec``, a TREC run ``{mode}.trec``.  The formats:
+:func:`convert_rank_file`.
 """
 from __future__ import annotations
 
@@ -53,6 +40,24 @@ def convert_rank_file(rank_path: PathLike, out_path: PathLike, query_ids: np.nda
     input's score, else 1/rank); ``D`` + docid when ``doc``.  Scores are written as Python's shortest exact repr.
     Raises :class:`InputError` naming the line on a malformed line, an offset outside the id maps, or a
     TREC-format input (the input must be an offset rank file).
+
+    Reads ``{input_dir}/{mode}.rank.tsv`` (``qoffset\\tpoffset\\trank[\\tscore]``, as written by star/adore inference;
+    line rules in :mod:`run_file`) and maps every offset through the safe id maps of ``--preprocess_dir`` (never the
+    pickles the original inverted):
+
+    * ``passages_ids.npy``: int64 ``[N]``, the official pid/docid of each passage/document offset;
+    * ``{mode}-query_ids.npy``: int64 ``[Nq]``, the official qid of each query offset.
+
+    A preprocessing of the BEIR layout (``preprocess.py --input_format beir``) stores string ids (unicode ``.npy``):
+    they are written as they are (``CACM-1410``); score such output with ``msmarco_eval.py --string_ids``.
+
+    Output (written atomically; an existing file is refused unless ``--overwrite``):
+
+    * default: ``{output_dir}/{mode}.rank.tsv``, lines ``qid\\tpid\\trank`` (``D`` + docid with ``--dataset doc``), in
+      the input's line order, the score column kept when the input has one.  Score it with
+      ``python -m msmarco_eval qrels.dev.small.tsv OUT`` (passages) or ``... msmarco-docdev-qrels.tsv OUT doc``;
+    * ``--trec``: ``{output_dir}/{mode}.trec``, TREC run lines ``qid Q0 docid rank score tag`` for trec_eval,
+      ir_measures or pyserini; score = the input's score column, else 1/rank (as the original test_trec_eval.py).
     """
     require_file(rank_path, "rank file")
     prefix = "D" if doc else ""
@@ -81,7 +86,8 @@ def output_path(output_dir: PathLike, mode: str, trec: bool) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Map a rank file from offsets to official MS MARCO ids.")
+    parser = argparse.ArgumentParser(prog="python -m cvt_back",
+                                     description="Map a rank file from offsets to official MS MARCO ids.")
     parser.add_argument("--input_dir", required=True, help="folder holding {mode}.rank.tsv (offsets)")
     parser.add_argument("--preprocess_dir", required=True,
                         help="preprocess output: passages_ids.npy and {mode}-query_ids.npy")

@@ -523,7 +523,7 @@ class TrainInbatchWithHardDataset(TrainInbatchDataset):
         if missing:
             raise InputError(f"{len(missing)} of {len(self.qids)} training queries have no hard negatives, "
                              f"e.g. query offset {missing[0]}: were they mined for another split? "
-                             "(run star/prepare_hardneg.py with --mode train, DRhard issue #24)", path=where)
+                             "(run python -m star.prepare_hardneg with --mode train, DRhard issue #24)", path=where)
         _check_offsets(self.hardneg.negs.ravel(), len(doc_cache), "hard-negative passage offset", doc_cache)
 
     def _extra_ids(self, qid: int, rng: np.random.Generator) -> list[int]:

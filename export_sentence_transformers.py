@@ -2,22 +2,8 @@
 
     python -m export_sentence_transformers --model_dir data/passage/trained_models/star --output_dir star-st
 
-The folder written (the sentence-transformers layout, files written by hand: the package is not needed)::
-
-    modules.json                      the module list below, in order
-    sentence_bert_config.json         {"max_seq_length": L, "do_lower_case": D}
-    config_sentence_transformers.json {"similarity_fn_name": "dot" | "cosine" (with Normalize)}
-    config.json, model.safetensors    0: Transformer — the backbone alone (weights without the backbone prefix)
-    tokenizer files                   the model folder's (or --tokenizer_dir's) tokenizer, byte for byte
-    1_Pooling/config.json             CLS (``dr_pooling`` "first") or masked mean ("mean")
-    2_Dense/config.json + weights     the ``embeddingHead`` Linear, identity activation (only with a head)
-    3_LayerNorm/config.json + weights the head's ``norm`` (LayerNorm, eps 1e-5; only with a head)
-    N_Normalize/                      L2 normalisation (only when ``dr_normalize``)
-
-``SentenceTransformer(output_dir).encode(texts)`` then gives ``DenseEncoder`` embeddings of the same token ids.
-``D`` (the Transformer's ``do_lower_case``) follows preprocess.py: true for the faithful RoBERTa emulation
-(2.8's ``do_lower_case=True``) and for a tokenizer that lower-cases itself.  Note that preprocess.py's 2.8
-emulation also prefixes a space to every RoBERTa text, which a modern RoBERTa tokenizer does not.
+``SentenceTransformer(output_dir).encode(texts)`` then gives ``DenseEncoder`` embeddings of the same token ids;
+the files are written by hand (the sentence-transformers package is not needed): :func:`export` lists them.
 """
 from __future__ import annotations
 
@@ -72,7 +58,25 @@ def write_backbone(model: DenseEncoder, folder: Path) -> None:
 
 
 def export(model_dir: Path, output_dir: Path, max_seq_length: int, tokenizer_dir: Optional[Path] = None) -> Path:
-    """Write the sentence-transformers folder of the encoder in ``model_dir`` to ``output_dir`` (atomically)."""
+    """Write the sentence-transformers folder of the encoder in ``model_dir`` to ``output_dir`` (atomically).
+
+    The folder written (the sentence-transformers layout, files written by hand: the package is not needed)::
+
+        modules.json                      the module list below, in order
+        sentence_bert_config.json         {"max_seq_length": L, "do_lower_case": D}
+        config_sentence_transformers.json {"similarity_fn_name": "dot" | "cosine" (with Normalize)}
+        config.json, model.safetensors    0: Transformer — the backbone alone (weights without the backbone prefix)
+        tokenizer files                   the model folder's (or --tokenizer_dir's) tokenizer, byte for byte
+        1_Pooling/config.json             CLS (``dr_pooling`` "first") or masked mean ("mean")
+        2_Dense/config.json + weights     the ``embeddingHead`` Linear, identity activation (only with a head)
+        3_LayerNorm/config.json + weights the head's ``norm`` (LayerNorm, eps 1e-5; only with a head)
+        N_Normalize/                      L2 normalisation (only when ``dr_normalize``)
+
+    ``SentenceTransformer(output_dir).encode(texts)`` then gives ``DenseEncoder`` embeddings of the same token ids.
+    ``D`` (the Transformer's ``do_lower_case``) follows preprocess.py: true for the faithful RoBERTa emulation
+    (2.8's ``do_lower_case=True``) and for a tokenizer that lower-cases itself.  Note that preprocess.py's 2.8
+    emulation also prefixes a space to every RoBERTa text, which a modern RoBERTa tokenizer does not.
+    """
     model = DenseEncoder.from_pretrained(model_dir)
     tokenizer_files = read_tokenizer_files(tokenizer_dir or model_dir)
     if not tokenizer_files:
@@ -109,7 +113,8 @@ def export(model_dir: Path, output_dir: Path, max_seq_length: int, tokenizer_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m export_sentence_transformers",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="the encoder folder (config.json + model.safetensors)")
     parser.add_argument("--output_dir", required=True, help="the sentence-transformers folder to write")

@@ -1,68 +1,15 @@
 """MS MARCO evaluation: the original msmarco_eval.py's MRR@N, plus recall, and precision, MAP and nDCG computed
 exactly as ``trec_eval -c``.
 
-Usage (the original's command line is unchanged)::
+    python -m msmarco_eval REF CAND          # MRR@10 (the original's command line, unchanged)
+    python -m msmarco_eval REF CAND 100      # MRR@100
+    python -m msmarco_eval REF CAND doc      # MRR@100, document ids carry a "D" prefix (D1650436)
+    python -m msmarco_eval REF CAND --metrics R@100 R@1000 nDCG@10 --rel_threshold 2   # TREC DL conventions
 
-    python msmarco_eval.py REF CAND          # MRR@10
-    python msmarco_eval.py REF CAND 100      # MRR@100
-    python msmarco_eval.py REF CAND doc      # MRR@100, document ids carry a "D" prefix (D1650436)
-    python msmarco_eval.py REF CAND --metrics R@100 R@1000 nDCG@10 --rel_threshold 2   # TREC DL conventions
-
-It prints the original's block, with any extra metric inside it::
-
-    #####################
-    MRR @10: 0.3404...
-    QueriesRanked: 6980
-    #####################
-
-Input files (fields split on any whitespace; blank lines skipped; CRLF and a UTF-8 BOM accepted)
--------------------------------------------------------------------------------------------------
-* Reference (qrels), 4 columns ``qid ITER docid grade``: the preprocessed ``{split}-qrel.tsv``
-  (``qoffset\\t0\\tpoffset\\trel``), the official ``qrels.dev.small.tsv`` (tabs), TREC qrels (spaces, ``Q0``), the
-  document qrels (``D`` ids).  ITER is ignored.  A pair judged twice keeps its highest grade (with a warning).
-  BEIR qrels (``qrels/<split>.tsv``) are read too: a first line ``query-id corpus-id score`` announces 3 columns
-  ``qid docid grade`` on every later line.
-* Candidate (run): a rank file ``qid docid rank [score]`` (the original's) or a TREC run
-  ``qid Q0 docid rank score tag``, read by :mod:`run_file` (formats and line rules there).  In a rank file the
-  rank column is the position, at most ``max_rank`` (the original's 1000 slots), and a (qid, rank) pair given
-  twice is an error (the original silently kept the later line).  In a TREC run the rank column is ignored, as
-  trec_eval does: positions come from the trec_eval order.
-* Ids (the qrels' and the candidate's): ``ids="int"`` (default; qid and docid are integers), ``"doc"`` (docids are
-  ``D`` + integer, the original's ``doc`` argument; the prefix is removed), ``"str"`` (any token, e.g.
-  ``CACM-1410``; trec_eval semantics).
-
-Definitions (``T`` = ``rel_threshold``, default 1; a judgment is *relevant* when its grade >= T)
----------------------------------------------------------------------------------------------------
-Two families, both averaged with unranked queries counting 0:
-
-* MS MARCO family, ``MRR@N`` and ``R@k``, in rank order.  Averaged over the *reference queries*: the qids with at
-  least one relevant judgment.
-  ``MRR@N`` = Σ over ranked reference queries of 1 / (smallest rank <= N of a relevant docid), divided by the
-  number of reference queries (not the number ranked: the original's denominator).
-  ``R@k`` = |relevant docids ranked <= k| / |relevant docids of the query|.
-* trec_eval family, ``nDCG@k``, ``P@k`` and ``MAP``, exactly as ``trec_eval -c -l T``: each query's documents are
-  re-sorted by score descending, ties broken by docno in *descending* string order (the ranks are ignored; a
-  rank file without scores uses score = 1/rank, as the original ``test_trec_eval.py``); a docid listed twice
-  counts once, at its first position.  Averaged over every qid of the qrels, including queries whose
-  judgments are all non-relevant (-c: queries without results count 0).
-  ``nDCG@k``: gain = grade (negative grades count 0; independent of T), discount 1/log2(position + 1),
-  ideal = the query's judged grades sorted descending, cut at k; 0 when the ideal is 0.
-  ``P@k`` = relevant in the first k / k.  ``MAP`` = Σ over relevant retrieved of precision at its position,
-  divided by the number of relevant judgments.
-
-``T`` and the original: the original script ignores the grade, so every reference line is relevant.  With the
-official MS MARCO qrels (all grade 1) T = 1 gives the same numbers.  On graded qrels with grade-0 lines, such as
-``test-qrel.tsv`` of TREC DL, the original counts the grade-0 lines as relevant and its MRR is meaningless (DRhard
-issue #8).  Here they are not relevant at the default T = 1 (a note is printed); ``--rel_threshold 0`` reproduces
-the original.  TREC DL reports MRR, recall and MAP at T = 2 (``trec_eval -l 2``) and nDCG@10 on the graded
-judgments.  The two families also differ where a qrels query has no relevant judgment: MRR@N and R@k leave it
-out of the average, trec_eval's recall and reciprocal rank would count it as 0.
-
-Deviations from the original, all on inputs where it misbehaves: a rank gap no longer scores docid 0 (its slots
-defaulted to docid 0, a valid offset); rank 0 or a rank past ``max_rank`` is an error (the original wrote rank 0
-into the last slot and crashed past 1000); space-separated reference lines are accepted in passage mode.
-
-This module imports no torch: ``from msmarco_eval import evaluate_files``.
+It prints the original's block (rules around ``MRR @10: 0.3404...`` and ``QueriesRanked: 6980``), with any extra
+metric inside it.  The input files: :func:`evaluate_files`; the definitions of the metrics and of
+``--rel_threshold``: :func:`compute_metrics`; the deviations from the original: docs/deviations.md, section
+"msmarco_eval".  This module imports no torch: ``from msmarco_eval import evaluate_files``.
 """
 from __future__ import annotations
 
@@ -257,11 +204,38 @@ def _average_precision(order: list, judged: dict[Hashable, int], rel_threshold: 
 
 def compute_metrics(qrels: Qrels, run: Run, metrics: Sequence[str] = ("MRR@10",),
                     rel_threshold: int = 1, reference: Optional[PathLike] = None) -> dict[str, float]:
-    """Mean of each metric (definitions in the module docstring) → ``{metric name: value}``, in ``metrics`` order.
+    """Mean of each metric (definitions below) → ``{metric name: value}``, in ``metrics`` order.
 
     Queries of ``run`` absent from ``qrels`` are ignored.  Raises :class:`InputError` (naming ``reference``, the
     qrels file, when given) if no query of ``run`` is in ``qrels`` (the original's "no matching qids"), or if MRR/R
     is asked and no judgment reaches ``rel_threshold``.
+
+    Definitions (``T`` = ``rel_threshold``, default 1; a judgment is *relevant* when its grade >= T)
+    ---------------------------------------------------------------------------------------------------
+    Two families, both averaged with unranked queries counting 0:
+
+    * MS MARCO family, ``MRR@N`` and ``R@k``, in rank order.  Averaged over the *reference queries*: the qids with at
+      least one relevant judgment.
+      ``MRR@N`` = Σ over ranked reference queries of 1 / (smallest rank <= N of a relevant docid), divided by the
+      number of reference queries (not the number ranked: the original's denominator).
+      ``R@k`` = |relevant docids ranked <= k| / |relevant docids of the query|.
+    * trec_eval family, ``nDCG@k``, ``P@k`` and ``MAP``, exactly as ``trec_eval -c -l T``: each query's documents are
+      re-sorted by score descending, ties broken by docno in *descending* string order (the ranks are ignored; a
+      rank file without scores uses score = 1/rank, as the original ``test_trec_eval.py``); a docid listed twice
+      counts once, at its first position.  Averaged over every qid of the qrels, including queries whose
+      judgments are all non-relevant (-c: queries without results count 0).
+      ``nDCG@k``: gain = grade (negative grades count 0; independent of T), discount 1/log2(position + 1),
+      ideal = the query's judged grades sorted descending, cut at k; 0 when the ideal is 0.
+      ``P@k`` = relevant in the first k / k.  ``MAP`` = Σ over relevant retrieved of precision at its position,
+      divided by the number of relevant judgments.
+
+    ``T`` and the original: the original script ignores the grade, so every reference line is relevant.  With the
+    official MS MARCO qrels (all grade 1) T = 1 gives the same numbers.  On graded qrels with grade-0 lines, such as
+    ``test-qrel.tsv`` of TREC DL, the original counts the grade-0 lines as relevant and its MRR is meaningless (DRhard
+    issue #8).  Here they are not relevant at the default T = 1 (a note is printed); ``--rel_threshold 0`` reproduces
+    the original.  TREC DL reports MRR, recall and MAP at T = 2 (``trec_eval -l 2``) and nDCG@10 on the graded
+    judgments.  The two families also differ where a qrels query has no relevant judgment: MRR@N and R@k leave it
+    out of the average, trec_eval's recall and reciprocal rank would count it as 0.
     """
     parsed = {name: parse_metric(name) for name in metrics}
     if not any(qid in qrels for qid in run):
@@ -308,6 +282,22 @@ def evaluate_files(reference: PathLike, candidate: PathLike, metrics: Sequence[s
     """Load both files and compute ``metrics``; the result also holds ``QueriesRanked`` (candidate qids).
 
     Warns on stderr about candidate qids unknown to the reference and about judgments below ``rel_threshold``.
+
+    Input files (fields split on any whitespace; blank lines skipped; CRLF and a UTF-8 BOM accepted)
+    -------------------------------------------------------------------------------------------------
+    * Reference (qrels), 4 columns ``qid ITER docid grade``: the preprocessed ``{split}-qrel.tsv``
+      (``qoffset\\t0\\tpoffset\\trel``), the official ``qrels.dev.small.tsv`` (tabs), TREC qrels (spaces, ``Q0``), the
+      document qrels (``D`` ids).  ITER is ignored.  A pair judged twice keeps its highest grade (with a warning).
+      BEIR qrels (``qrels/<split>.tsv``) are read too: a first line ``query-id corpus-id score`` announces 3 columns
+      ``qid docid grade`` on every later line.
+    * Candidate (run): a rank file ``qid docid rank [score]`` (the original's) or a TREC run
+      ``qid Q0 docid rank score tag``, read by :mod:`run_file` (formats and line rules there).  In a rank file the
+      rank column is the position, at most ``max_rank`` (the original's 1000 slots), and a (qid, rank) pair given
+      twice is an error (the original silently kept the later line).  In a TREC run the rank column is ignored, as
+      trec_eval does: positions come from the trec_eval order.
+    * Ids (the qrels' and the candidate's): ``ids="int"`` (default; qid and docid are integers), ``"doc"`` (docids are
+      ``D`` + integer, the original's ``doc`` argument; the prefix is removed), ``"str"`` (any token, e.g.
+      ``CACM-1410``; trec_eval semantics).
     """
     for name in metrics:
         parse_metric(name)
@@ -347,9 +337,10 @@ def _mode(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m msmarco_eval",
         description="MS MARCO evaluation: MRR@N as the official script (divided by the number of reference "
-                    "queries), plus R@k, and P@k, MAP and nDCG@k as trec_eval -c. See the module docstring "
-                    "for the exact definitions.")
+                    "queries), plus R@k, and P@k, MAP and nDCG@k as trec_eval -c (definitions: "
+                    "msmarco_eval.compute_metrics).")
     parser.add_argument("reference", help="qrels: qid ITER docid grade (offset qrels, qrels.dev.small.tsv, TREC)")
     parser.add_argument("candidate", help="run: qid docid rank [score], or TREC qid Q0 docid rank score tag")
     parser.add_argument("mode", nargs="?", type=_mode, default=str(DEFAULT_CUTOFF),

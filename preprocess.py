@@ -1,46 +1,13 @@
 """Tokenize MS MARCO passages/documents and queries once, into int32 memmaps, as the original preprocess.py
 (with its vendored transformers-2.8 RobertaTokenizer) does.
 
-Usage (from the repository root; the tokenizer must be a local folder, nothing is downloaded)::
+    python -m preprocess --data_type 1 --model_name_or_path ../shared/data/roberta-base-tokenizer
+    python -m preprocess --data_type 0 --model_name_or_path path/to/roberta-base --threads 32
 
-    python preprocess.py --data_type 1 --model_name_or_path ../shared/data/roberta-base-tokenizer
-    python preprocess.py --data_type 0 --model_name_or_path path/to/roberta-base --threads 32
-
-Inputs (``--data_dir``, default ``./data/{doc|passage}/dataset``), UTF-8, LF or CRLF line ends:
-
-* passage collection ``collection.tsv``: ``pid \\t text``;
-  document collection ``msmarco-docs.tsv``: ``D<docid> \\t url \\t title \\t body``.
-* per split (see :data:`SPLITS`) a query file ``qid \\t text`` and a qrels file ``qid Q0 pid grade``
-  (any whitespace; doc ids keep their ``D``).  A split whose query file is absent is skipped.
-
-Outputs (``--out_dir``, default ``./data/{doc|passage}/preprocess``), every one written to a temporary
-name and renamed into place only when the whole run succeeded:
-
-* ``passages.memmap`` — raw int32 (C order, no header; open with ``np.memmap(path, np.int32, "r", shape=(N, L))``),
-  shape ``[N, max_seq_length]``, row = offset = collection line order.
-  Row ``i`` holds the tokenizer's cls/bos id, the text's token ids, its sep/eos id, then 0-padding.
-* ``passages_length.npy`` — ``np.save`` of int32 ``[N]``: the unpadded length of each row.
-* ``passages_meta`` — JSON ``{"type": "int32", "total_number": N, "embedding_size": max_seq_length}``
-  ("embedding_size" is the token width, the original's name).
-* ``passages_ids.npy`` — int64 ``[N]``: the official pid / docid (``D`` stripped) of each offset.
-* ``pid2offset.pickle`` — dict official id -> offset (pickle protocol 4), for compatibility only.
-* per split: ``{split}-query.memmap`` (int32 ``[Nq, max_query_length]``), ``{split}-query_length.npy``,
-  ``{split}-query_meta``, ``{split}-query_ids.npy`` (official qids in offset order),
-  ``{split}-qid2offset.pickle`` and, when the split has qrels, ``{split}-qrel.tsv`` with one line
-  ``qoffset \\t 0 \\t poffset \\t grade`` per qrels line (grade kept as written, 0 included).
-  With qrels, only the queries named in them are kept, in query-file order.
-
-BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl``, ``queries.jsonl``,
-``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being ``title<sep>text``, except
-that the id maps keep the string ids and there are no pickles:
-
-* ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
-  id}``, loadable with ``allow_pickle=False``; :func:`infra.run_file.load_id_map` reads both kinds): the ``_id`` of each
-  offset.  ``cvt_back.py`` writes these ids back.
-
-Tokenization reproduces transformers 2.8.0 ``RobertaTokenizer.encode(text, add_special_tokens=True,
-max_length=L)`` with ``do_lower_case=True`` id for id, using the fast (Rust) tokenizer: see
-:class:`Faithful28Tokenizer` (a cased non-RoBERTa tokenizer is not lower-cased).
+The tokenizer must be a local folder (nothing is downloaded).  Every output is written to a temporary name and
+renamed into place only when the whole run succeeded.  The input and output files: :func:`preprocess` (the BEIR
+layout: :mod:`infra.beir_input`); the tokenization, id for id that of transformers 2.8.0:
+:class:`Faithful28Tokenizer`.
 """
 from __future__ import annotations
 
@@ -583,7 +550,40 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
                input_format: str = "msmarco") -> dict[str, int]:
     """Preprocess one MS MARCO task (``data_type`` 0 = doc, 1 = passage), or with ``input_format="beir"`` a
     collection in the BEIR layout (:mod:`beir_input`); returns the row count per output (``"passages"`` and each
-    split).  Everything is validated before the collection is tokenized."""
+    split).  Everything is validated before the collection is tokenized.
+
+    Inputs (``--data_dir``, default ``./data/{doc|passage}/dataset``), UTF-8, LF or CRLF line ends:
+
+    * passage collection ``collection.tsv``: ``pid \\t text``;
+      document collection ``msmarco-docs.tsv``: ``D<docid> \\t url \\t title \\t body``.
+    * per split (see :data:`SPLITS`) a query file ``qid \\t text`` and a qrels file ``qid Q0 pid grade``
+      (any whitespace; doc ids keep their ``D``).  A split whose query file is absent is skipped.
+
+    Outputs (``--out_dir``, default ``./data/{doc|passage}/preprocess``), every one written to a temporary
+    name and renamed into place only when the whole run succeeded:
+
+    * ``passages.memmap`` — raw int32 (C order, no header; open with ``np.memmap(path, np.int32, "r", shape=(N, L))``),
+      shape ``[N, max_seq_length]``, row = offset = collection line order.
+      Row ``i`` holds the tokenizer's cls/bos id, the text's token ids, its sep/eos id, then 0-padding.
+    * ``passages_length.npy`` — ``np.save`` of int32 ``[N]``: the unpadded length of each row.
+    * ``passages_meta`` — JSON ``{"type": "int32", "total_number": N, "embedding_size": max_seq_length}``
+      ("embedding_size" is the token width, the original's name).
+    * ``passages_ids.npy`` — int64 ``[N]``: the official pid / docid (``D`` stripped) of each offset.
+    * ``pid2offset.pickle`` — dict official id -> offset (pickle protocol 4), for compatibility only.
+    * per split: ``{split}-query.memmap`` (int32 ``[Nq, max_query_length]``), ``{split}-query_length.npy``,
+      ``{split}-query_meta``, ``{split}-query_ids.npy`` (official qids in offset order),
+      ``{split}-qid2offset.pickle`` and, when the split has qrels, ``{split}-qrel.tsv`` with one line
+      ``qoffset \\t 0 \\t poffset \\t grade`` per qrels line (grade kept as written, 0 included).
+      With qrels, only the queries named in them are kept, in query-file order.
+
+    BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl``, ``queries.jsonl``,
+    ``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being ``title<sep>text``, except
+    that the id maps keep the string ids and there are no pickles:
+
+    * ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
+      id}``, loadable with ``allow_pickle=False``; :func:`infra.run_file.load_id_map` reads both kinds): the
+      ``_id`` of each offset.  ``cvt_back.py`` writes these ids back.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     faithful = tokenizer if isinstance(tokenizer, Faithful28Tokenizer) else Faithful28Tokenizer(tokenizer)
     if input_format == "beir":
@@ -664,6 +664,7 @@ def fit_model_length(tokenizer: Any, flag: str, length: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="python -m preprocess",
         description="Tokenize the MS MARCO collection and queries once, with the transformers-2.8 RoBERTa "
                     "tokenization the STAR/ADORE checkpoints expect, into int32 memmaps.",
         epilog="Writes passages.memmap (int32 [N, max_seq_length], <s> ids </s> then 0-padding), "

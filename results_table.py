@@ -1,35 +1,11 @@
 """The results table of a reproduce.sh run, shaped like the paper's (README) table, and its training curves.
 
-    python results_table.py --root data/sample/passage --task passage [--curves inbatch rand star adore-star ...]
+    python -m results_table --root data/sample/passage --task passage [--curves inbatch rand star adore-star ...]
 
-Layout read under ``--root`` (what reproduce.sh writes; ``KEY`` is inbatch, rand or star)::
-
-    preprocess/dev-qrel.tsv, test-qrel.tsv          offset qrels (test: graded, TREC DL 2019)
-    preprocess/test2020-qrel.tsv                     graded TREC DL 2020 qrels (when preprocess wrote the split)
-    evaluate/KEY/{dev,test,test2020}.rank.tsv        Inbatch-Neg, Rand-Neg, STAR (star/inference.py)
-    evaluate/adore-KEY/{dev,test,test2020}.rank.tsv  ADORE(...) (adore/inference.py)
-    warmup_retrieve/{dev,test}.rank.tsv              the warm-up model (an extra first row when present)
-    train/KEY/checkpoint-<step>/, train/KEY/log/     STAR-type checkpoints and TensorBoard events (tag ``loss``)
-    adore_train/KEY/checkpoint-<step>/, .../log/     ADORE checkpoints and events (tag ``train/all_loss``)
-    evaluate/KEY/passages.memmap                     the frozen document embeddings ADORE(KEY) searches
-
-Metrics (msmarco_eval, see its docstring): Dev MRR@10 (MRR@100 for documents) and R@100 on ``dev-qrel.tsv``;
-Test NDCG@10 (``trec_eval -c`` on the graded ``test-qrel.tsv``); DL20 NDCG@10 likewise on ``test2020-qrel.tsv``, a
-column (and a ``dl20_ndcg10`` field) only when some model has a ``test2020.rank.tsv``.  Outputs in ``--out_dir``
-(default ``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the
-comparisons below and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
-
-Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
-metric is at least as good (``results.json["comparisons"]``, also listed under the table).
-
-Curves (``--curves KEY ...``): the dev MRR of every saved ``checkpoint-<step>`` of the named models.  A STAR-type
-checkpoint encodes the corpus and the dev queries (memmaps in ``out_dir/curves/``, deleted once scored); an
-ADORE checkpoint encodes only the dev queries and searches its start model's frozen embeddings, so it is cheap
-even on MS MARCO (a STAR-type point there costs a full corpus encode: reproduce.sh only asks for ADORE's on real
-data).  Step 0 is the start model: the warm-up's dev ranking for Inbatch-Neg / Rand-Neg / STAR (when they start
-from it), the start model's dev ranking for ADORE.  Scores are cached in ``out_dir/curves.json`` by checkpoint, so
-a rerun only evaluates new checkpoints.  The plot shows the training loss (TensorBoard events) and these dev MRR
-points against the step.
+Scores the rank files reproduce.sh writes under ``--root`` with msmarco_eval (Dev MRR@10 or, for documents,
+MRR@100 and R@100; Test and DL20 NDCG@10) and writes ``results.md`` (printed too), ``results.json`` and
+``curves.png`` to ``--out_dir``.  The layout read and the metrics: :func:`gather`; the comparisons:
+:func:`compare`; the curves: :func:`evaluate_curves`.
 """
 from __future__ import annotations
 
@@ -87,7 +63,25 @@ def score_rank_files(folder: Path, preprocess_dir: Path, depth: int,
 
 def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
     """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files; the DL20
-    field only when some model has a ``test2020.rank.tsv``."""
+    field only when some model has a ``test2020.rank.tsv``.
+
+    Layout read under ``--root`` (what reproduce.sh writes; ``KEY`` is inbatch, rand or star)::
+
+        preprocess/dev-qrel.tsv, test-qrel.tsv          offset qrels (test: graded, TREC DL 2019)
+        preprocess/test2020-qrel.tsv                     graded TREC DL 2020 qrels (when preprocess wrote the split)
+        evaluate/KEY/{dev,test,test2020}.rank.tsv        Inbatch-Neg, Rand-Neg, STAR (star/inference.py)
+        evaluate/adore-KEY/{dev,test,test2020}.rank.tsv  ADORE(...) (adore/inference.py)
+        warmup_retrieve/{dev,test}.rank.tsv              the warm-up model (an extra first row when present)
+        train/KEY/checkpoint-<step>/, train/KEY/log/     STAR-type checkpoints and TensorBoard events (tag ``loss``)
+        adore_train/KEY/checkpoint-<step>/, .../log/     ADORE checkpoints and events (tag ``train/all_loss``)
+        evaluate/KEY/passages.memmap                     the frozen document embeddings ADORE(KEY) searches
+
+    Metrics (``msmarco_eval.compute_metrics``): Dev MRR@10 (MRR@100 for documents) and R@100 on ``dev-qrel.tsv``;
+    Test NDCG@10 (``trec_eval -c`` on the graded ``test-qrel.tsv``); DL20 NDCG@10 likewise on ``test2020-qrel.tsv``, a
+    column (and a ``dl20_ndcg10`` field) only when some model has a ``test2020.rank.tsv``.  Outputs in ``--out_dir``
+    (default ``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the
+    comparisons below and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
+    """
     root = Path(root)
     folders = {key: rank_dir(root, key) for key in ("warmup", *TABLE_KEYS)}
     ranked = {key: {split for split in ("dev", *NDCG_SPLITS) if (folder / f"{split}.rank.tsv").is_file()}
@@ -98,7 +92,11 @@ def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
 
 
 def compare(rows: dict[str, dict[str, Optional[float]]]) -> list[dict[str, Any]]:
-    """For each (model, reference) of :data:`COMPARISONS` with both rows: is every metric at least as good?"""
+    """For each (model, reference) of :data:`COMPARISONS` with both rows: is every metric at least as good?
+
+    Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
+    metric is at least as good (``results.json["comparisons"]``, also listed under the table).
+    """
     out = []
     for model, reference in COMPARISONS:
         if model in rows and reference in rows:
@@ -196,7 +194,17 @@ def evaluate_curves(root: Path, keys: Sequence[str], rows: dict[str, dict[str, O
     """``{key: {step: dev MRR}}``: step 0 is the start model's dev MRR in ``rows`` (:func:`gather`,
     :func:`start_model`), then every checkpoint of each key, scored by the callable ``make_scorer()`` builds on
     first need; checkpoints already in ``cache_path`` (``{key: {checkpoint name: MRR}}``) are not evaluated
-    again."""
+    again.
+
+    Curves (``--curves KEY ...``): the dev MRR of every saved ``checkpoint-<step>`` of the named models.  A STAR-type
+    checkpoint encodes the corpus and the dev queries (memmaps in ``out_dir/curves/``, deleted once scored); an
+    ADORE checkpoint encodes only the dev queries and searches its start model's frozen embeddings, so it is cheap
+    even on MS MARCO (a STAR-type point there costs a full corpus encode: reproduce.sh only asks for ADORE's on real
+    data).  Step 0 is the start model: the warm-up's dev ranking for Inbatch-Neg / Rand-Neg / STAR (when they start
+    from it), the start model's dev ranking for ADORE.  Scores are cached in ``out_dir/curves.json`` by checkpoint, so
+    a rerun only evaluates new checkpoints.  The plot shows the training loss (TensorBoard events) and these dev MRR
+    points against the step.
+    """
     cache: dict[str, dict[str, float]] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     scorer = None
     curves: dict[str, dict[int, float]] = {}
@@ -280,8 +288,8 @@ def plot_curves(losses: dict[str, list[tuple[int, float]]], curves: dict[str, di
 # ==============================================================================================================
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="See the module docstring for the layout read and the outputs.")
+    parser = argparse.ArgumentParser(prog="python -m results_table", description=__doc__.split("\n\n")[0],
+                                     epilog="The layout read and the outputs: results_table.gather.")
     parser.add_argument("--root", required=True, help="task folder of reproduce.sh, e.g. data/sample/passage")
     parser.add_argument("--task", choices=("passage", "doc"), default="passage",
                         help="passage: Dev MRR@10; doc: Dev MRR@100 (default %(default)s)")

@@ -35,7 +35,7 @@ from infra.exact_search import add_search_args, exact_search, faiss_gpu_count, m
 import torch
 import torch.distributed as dist
 
-from infra.corpus_encoding import encode_to_memmap
+from infra.corpus_encoding import EncodingSettings, encode_to_memmap
 from dataset import SequenceDataset, TokenIdsCache
 from infra.distributed import barrier, init_distributed
 from infra.embedding_memmap import open_embeddings
@@ -57,21 +57,18 @@ GATHER_QUERIES = 16384       # queries whose per-rank results are gathered and m
 def add_encoding_args(parser: argparse.ArgumentParser) -> None:
     """``--no_cuda``, ``--fp16``/``--bf16`` (dest ``amp``), ``--batch_tokens``, ``--allow_pickle``,
     ``--overwrite``."""
-    parser.add_argument("--no_cuda", action="store_true", help="encode on CPU even when CUDA is available")
+    parser.add_argument("--no_cuda", action="store_true", help="encode on the CPU even with CUDA")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", dest="amp", action="store_const", const="fp16",
-                           help="fp16 autocast when encoding on CUDA (default fp32, as the original)")
+                           help="fp16 autocast on CUDA (default: fp32)")
     precision.add_argument("--bf16", dest="amp", action="store_const", const="bf16",
-                           help="bf16 autocast when encoding on CUDA")
+                           help="bf16 autocast on CUDA")
     parser.add_argument("--batch_tokens", type=ct.non_negative_int, default=None,
-                        help=f"encoding batches of at most this many padded tokens per device instead of a fixed "
-                             f"number of rows (default: {CUDA_BATCH_TOKENS} on CUDA; 0 or on the CPU: the batch "
-                             f"size in rows)")
+                        help=f"padded tokens per encoding batch (default: {CUDA_BATCH_TOKENS} on CUDA; 0 or CPU: rows)")
     parser.add_argument("--allow_pickle", action="store_true",
-                        help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
+                        help="load a legacy pytorch_model.bin (trusted)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="re-encode embedding memmaps that do not match this run (other model, length, data) "
-                             "and replace an existing rank file; matching memmaps are reused or resumed")
+                        help="re-encode memmaps of another run, replace the rank file")
 
 
 def add_inference_args(parser: argparse.ArgumentParser, topk: int) -> None:
@@ -86,14 +83,13 @@ def add_query_and_corpus_args(parser: argparse.ArgumentParser, batch_size: int) 
     ``--shard_id``/``--num_shards``: the flags :func:`encode_queries_and_corpus` reads besides
     :func:`add_encoding_args`' (the original's defaults)."""
     parser.add_argument("--max_query_length", type=ct.positive_int, default=32,
-                        help="query truncation in tokens (default %(default)s)")
+                        help="query truncation in tokens")
     parser.add_argument("--max_doc_length", type=ct.positive_int, default=512,
-                        help="passage/doc truncation (default %(default)s; the README uses 256 for passages)")
+                        help="document truncation (README: 256 for passages)")
     parser.add_argument("--eval_batch_size", type=ct.positive_int, default=batch_size,
-                        help="encoding batch size per GPU (default %(default)s)")
+                        help="encoding batch size per GPU")
     parser.add_argument("--shard_id", type=ct.non_negative_int, default=None,
-                        help="without torchrun (e.g. a SLURM job array): encode only shard K of the corpus and "
-                             "stop; a run without --shard_id then assembles the shards and searches")
+                        help="encode corpus shard K only (job arrays without torchrun)")
     parser.add_argument("--num_shards", type=ct.positive_int, default=None, help="the number of shards N")
 
 
@@ -176,12 +172,13 @@ def encode_split(model: torch.nn.Module, model_id: str, preprocess_dir: PathLike
     With a sharded ``placement`` this process encodes its shard; torchrun's ranks then wait for each other, rank
     0 assembles the shards, and every rank gets the complete memmap; a ``--shard_id`` job gets None."""
     dataset = SequenceDataset(TokenIdsCache(preprocess_dir, prefix), max_length)
-    unit = "query" if prefix.endswith("query") else "passage"
+    settings = EncodingSettings(batch_size, device, pad_token_id, amp=amp, batch_tokens=batch_tokens,
+                                num_workers=num_workers, desc=f"encode {prefix}",
+                                unit="query" if prefix.endswith("query") else "passage")
 
     def encode(shard: Optional[tuple[int, int]], overwrite: bool = overwrite) -> Optional[np.memmap]:
-        return encode_to_memmap(model, dataset, out_path, batch_size, device, pad_token_id, model_id, amp=amp,
-                                resume=True, overwrite=overwrite, num_workers=num_workers, desc=f"encode {prefix}",
-                                unit=unit, batch_tokens=batch_tokens, shard=shard)
+        return encode_to_memmap(model, dataset, out_path, model_id, settings, resume=True, overwrite=overwrite,
+                                shard=shard)
 
     if placement is None or placement.num_shards == 1:
         return encode(None)

@@ -3,47 +3,9 @@ tokenizer trained on it, and a tiny randomly initialised RoBERTa dual encoder.
 
     python -m sample_data --out data/sample --seed 13
 
-Layout written under ``--out`` (file formats are those of the real MS MARCO / TREC DL 2019 files, LF line ends)::
-
-    passage/dataset/collection.tsv           pid \\t text                      (pids 0..N-1 in line order)
-    passage/dataset/queries.{train,dev.small,eval.small}.tsv, msmarco-test2019-queries.tsv    qid \\t text
-    passage/dataset/qrels.{train,dev.small}.tsv    qid \\t 0 \\t pid \\t 1          (tab-separated, sorted by pid)
-    passage/dataset/2019qrels-pass.txt       qid Q0 pid grade                 (space-separated, grades 0-3)
-    doc/dataset/msmarco-docs.tsv             D<docid> \\t url \\t title \\t body  (docids random, not in line order)
-    doc/dataset/msmarco-doc{train,dev}-queries.tsv, msmarco-test2019-queries.tsv, docleaderboard-queries.tsv
-    doc/dataset/msmarco-doctrain-qrels.tsv   qid 0 D<docid> 1                 (space-separated)
-    doc/dataset/msmarco-docdev-qrels.tsv     qid \\t 0 \\t D<docid> \\t 1        (tab-separated, as the real copy)
-    doc/dataset/2019qrels-docs.txt           qid Q0 D<docid> grade
-    doc/dataset/msmarco-doctrain-top100      qid Q0 D<docid> rank score tag   (BM25 top-100 train run, TREC format)
-    tokenizer/                               vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
-    init_model/                              the tokenizer files + config.json + model.safetensors (model.py)
-
-As in the real data, the test query file holds more queries than are judged (preprocess keeps only the judged
-ones), the TREC qrels are sorted by qid and then by the id as a string, and the doc title may be empty.
-
-Relevance design (why the sample can tell the training methods apart)
----------------------------------------------------------------------
-The text is made of synthetic, English-looking words glued by real English function words.  A shared "language"
-has attributes (concepts), each with a set of synonyms, grouped in families of three sibling attributes that
-share a family word.  Each task has its own entities (one- or two-word names, name words may be shared).
-
-* Every passage/document is about one (entity, attribute) pair: it names the entity, states the attribute
-  with one of its synonyms (the first synonym is the usual one) and a value, and adds filler sentences; some
-  mention a second attribute of the same entity or compare with another entity.  A document adds a url and a
-  title and mixes sentences about the dominant attribute with sentences about other attributes.
-* Each entity has several items with different attributes, and some pairs have two items (several positives).
-* A query names an entity and an attribute, drawn uniformly from the synonym set, so it often uses a word the
-  relevant text does not contain.  Its positives are the items about that pair.
-* Random negatives almost always name another entity, so in-batch negatives teach entity matching only.  The
-  items about the same entity with another attribute are the hard negatives: ranking them below the positive
-  needs the attribute, which static (STAR) and dynamic (ADORE) hard negatives teach.
-* TREC-style test grades (:func:`graded_qrels`): 3 = the exact pair, 2 = another item of the entity that states
-  the attribute in passing, 1 = same entity and a sibling attribute, 0 = judged non-relevant (the entity's other
-  items, the attribute for other entities, random items).  As in TREC DL, the lexically close items that do not
-  answer the query are judged 0, so NDCG@10 rewards telling the attribute apart, not only the entity.
-
-Every pair has one train query; dev, test and eval queries reword distinct pairs (see :func:`split_queries`).  The same seed gives byte-identical
-files (tokenizer and model weights included); all randomness comes from ``random.Random`` seeded by strings.
+The same seed gives byte-identical files (tokenizer and model weights included); all randomness comes from
+``random.Random`` seeded by strings.  The files written: :func:`generate`; the relevance design (why the sample
+can tell the training methods apart): :func:`make_corpus`.
 """
 from __future__ import annotations
 
@@ -413,7 +375,31 @@ def plan_topics(rng: random.Random, lang: Language, spec: TaskSpec) -> tuple[int
 
 
 def make_corpus(rng: random.Random, lang: Language, spec: TaskSpec, used_names: set[str]) -> tuple[Corpus, Writer]:
-    """Draw one task's entities, topics, ids and texts."""
+    """Draw one task's entities, topics, ids and texts.
+
+    Relevance design (why the sample can tell the training methods apart)
+    ---------------------------------------------------------------------
+    The text is made of synthetic, English-looking words glued by real English function words.  A shared "language"
+    has attributes (concepts), each with a set of synonyms, grouped in families of three sibling attributes that
+    share a family word.  Each task has its own entities (one- or two-word names, name words may be shared).
+
+    * Every passage/document is about one (entity, attribute) pair: it names the entity, states the attribute
+      with one of its synonyms (the first synonym is the usual one) and a value, and adds filler sentences; some
+      mention a second attribute of the same entity or compare with another entity.  A document adds a url and a
+      title and mixes sentences about the dominant attribute with sentences about other attributes.
+    * Each entity has several items with different attributes, and some pairs have two items (several positives).
+    * A query names an entity and an attribute, drawn uniformly from the synonym set, so it often uses a word the
+      relevant text does not contain.  Its positives are the items about that pair.
+    * Random negatives almost always name another entity, so in-batch negatives teach entity matching only.  The
+      items about the same entity with another attribute are the hard negatives: ranking them below the positive
+      needs the attribute, which static (STAR) and dynamic (ADORE) hard negatives teach.
+    * TREC-style test grades (:func:`graded_qrels`): 3 = the exact pair, 2 = another item of the entity that states
+      the attribute in passing, 1 = same entity and a sibling attribute, 0 = judged non-relevant (the entity's other
+      items, the attribute for other entities, random items).  As in TREC DL, the lexically close items that do not
+      answer the query are judged 0, so NDCG@10 rewards telling the attribute apart, not only the entity.
+
+    Every pair has one train query; dev, test and eval queries reword distinct pairs (see :func:`split_queries`).
+    """
     n_entities, topics = plan_topics(rng, lang, spec)
     names = make_entities(rng, lang, used_names, n_entities)
     writer = Writer(rng, lang, names)
@@ -678,7 +664,26 @@ def _write_all(folder: Path, files: dict[str, str]) -> None:
 
 # --- driver --------------------------------------------------------------------------------------------------------
 def generate(out: PathLike, seed: int = DEFAULT_SEED, with_model: bool = True) -> dict[str, int]:
-    """Write the whole sample under ``out``; returns the summary numbers (also in ``out/sample_info.json``)."""
+    """Write the whole sample under ``out``; returns the summary numbers (also in ``out/sample_info.json``).
+
+    Layout written under ``--out`` (file formats are those of the real MS MARCO / TREC DL 2019 files, LF line ends)::
+
+        passage/dataset/collection.tsv           pid \\t text                      (pids 0..N-1 in line order)
+        passage/dataset/queries.{train,dev.small,eval.small}.tsv, msmarco-test2019-queries.tsv    qid \\t text
+        passage/dataset/qrels.{train,dev.small}.tsv    qid \\t 0 \\t pid \\t 1          (tab-separated, sorted by pid)
+        passage/dataset/2019qrels-pass.txt       qid Q0 pid grade                 (space-separated, grades 0-3)
+        doc/dataset/msmarco-docs.tsv             D<docid> \\t url \\t title \\t body  (docids random, not in line order)
+        doc/dataset/msmarco-doc{train,dev}-queries.tsv, msmarco-test2019-queries.tsv, docleaderboard-queries.tsv
+        doc/dataset/msmarco-doctrain-qrels.tsv   qid 0 D<docid> 1                 (space-separated)
+        doc/dataset/msmarco-docdev-qrels.tsv     qid \\t 0 \\t D<docid> \\t 1        (tab-separated, as the real copy)
+        doc/dataset/2019qrels-docs.txt           qid Q0 D<docid> grade
+        doc/dataset/msmarco-doctrain-top100      qid Q0 D<docid> rank score tag   (BM25 top-100 train run, TREC format)
+        tokenizer/                               vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+        init_model/                              the tokenizer files + config.json + model.safetensors (model.py)
+
+    As in the real data, the test query file holds more queries than are judged (preprocess keeps only the judged
+    ones), the TREC qrels are sorted by qid and then by the id as a string, and the doc title may be empty.
+    """
     out = Path(out)
     lang = make_language(seed)
     used_names: set[str] = set()
@@ -726,6 +731,7 @@ def describe(out: PathLike) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m sample_data",
         description="Write the bundled sample: MS MARCO-format passage and doc data, a BPE tokenizer trained on "
                     "it and a tiny random RoBERTa encoder (deterministic for a given seed).")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")

@@ -7,9 +7,9 @@ not the 768 that the original hard-codes).  The document memmap is checked again
 the passage count of ``--preprocess_dir`` (where it has ``passages_meta``) before anything is encoded or written.
 
 Under ``torchrun --nproc_per_node N`` the ranks share the query encoding and each searches its rows of the
-document embeddings; rank 0 merges and writes the rank file (``inference_pipeline``).
+document embeddings; rank 0 merges and writes the rank file (``retrieve_utils``).
 
-Example (README): ``python adore/inference.py --model_dir data/passage/trained_models/adore-star
+Example (README): ``python -m adore.inference --model_dir data/passage/trained_models/adore-star
 --output_dir data/passage/evaluate/adore-star --preprocess_dir data/passage/preprocess --mode dev
 --dmemmap_path data/passage/evaluate/star/passages.memmap``.
 """
@@ -29,12 +29,14 @@ from preprocess import SPLIT_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adore.inference", description=__doc__.split("\n\n")[0],
+                                     formatter_class=ct.CompactHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="ADORE query-encoder checkpoint folder")
     parser.add_argument("--output_dir", required=True, help="where the query memmap and the rank file go")
     parser.add_argument("--preprocess_dir", required=True, help="preprocessed data ({mode}-query memmaps)")
     parser.add_argument("--mode", choices=SPLIT_NAMES, required=True, help="query split")
-    parser.add_argument("--dmemmap_path", required=True, help="document embeddings (STAR passages.memmap)")
+    parser.add_argument("--dmemmap_path", "--doc_embeddings", required=True,
+                        help="document embeddings (STAR passages.memmap)")
     parser.add_argument("--max_seq_length", type=ct.positive_int, default=64,
                         help="query truncation in tokens (default %(default)s)")
     parser.add_argument("--pergpu_eval_batch_size", type=ct.positive_int, default=32,

@@ -1,56 +1,16 @@
 """ADORE: train a query encoder against a frozen document index with dynamic hard negatives (Zhan et al. 2021;
 the original adore/train.py).
 
-    python adore/train.py --data_type passage --init_path data/passage/trained_models/star \\
+    python -m adore.train --data_type passage --init_path data/passage/trained_models/star \\
         --pembed_path data/passage/evaluate/star/passages.memmap --preprocess_dir data/passage/preprocess \\
         --model_save_dir data/passage/adore_train/models --log_dir data/passage/adore_train/log
     torchrun --nproc_per_node 4 -m adore.train ... --per_gpu_batch_size 8     # the same global batch of 32
 
-Every micro-batch, with the encoder in train mode (dropout active, as the original):
-  1. encode the queries → q [B, dim];
-  2. search the top --neg_topk (K) documents of the DETACHED q in the frozen exact inner-product index — one
-     search call for the whole batch;
-  3. label them with the training qrels (y_r = 1 for a positive); when none of the K is a positive, append all of
-     the query's positives after position K (``--append_missing_positives none_retrieved``, the original); with
-     ``always``, the positives missing from the K are appended to every query, de-duplicated (the authors' later
-     JPQ code);
-  4. score f_r = q·e(p_r) in fp32 with the frozen embeddings e (gradient to q only) and take ADORE's ΔMRR-weighted
-     pairwise loss (``model.adore_batch_loss``)::
-
-       loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s|·softplus(f_s − f_r) / #{(r, s)},  a_r = 1/r if r ≤ metric_cut
-                                                                                          else 0 (r 1-based)
-       loss   = Σ_q loss_q / (per_gpu_batch_size × gradient_accumulation_steps)
-
-  5. backward, then clip the gradient norm to --max_grad_norm.  Every gradient_accumulation_steps micro-batches:
-     AdamW step, linear schedule step, zero the gradients.
-
-Only the query encoder is trained.  The document embeddings (--pembed_path, the STAR corpus encoding, float32
-[N, dim] with dim = the model's output size) are opened read-only and never written.
-
-Under torchrun (a deviation; the original ran one process), with W processes:
-  * the encoder is wrapped in DDP and --per_gpu_batch_size (B) is per process: a global micro-batch holds B·W
-    queries and rank r encodes the r-th slice of it (``infra.batch_plan.GlobalBatchSampler``), so one process with
-    --per_gpu_batch_size B·W reads the same queries in the same order;
-  * each rank holds only its rows ``infra.exact_search.shard_rows(N, r, W)`` of the embeddings (a tensor on its GPU when
-    they fit beside the model, else CPU faiss: the rules of one process, over its rows).  Step 2 becomes: all-gather
-    the detached queries of every rank (their counts may differ), search them all in the local rows, all-gather the
-    (score, id) lists and merge them (``infra.distributed.sharded_topk``): each rank gets the exact global top K of its
-    own queries, ties in one process's order (score desc, id asc).  The candidates' embeddings are read from the
-    read-only memmap (rows of other ranks included);
-  * the divisor stays the nominal B·A per rank (A = gradient_accumulation_steps): rank r's loss is
-    L_r = Σ_{q∈r} loss_q / (B·A) and DDP averages gradients, (1/W)·Σ_r ∇L_r = Σ_q ∇loss_q / (B·W·A): the gradient
-    of one process with the batch B·W;
-  * gradients are all-reduced after EVERY backward (no ``no_sync``), so every rank clips the same accumulated
-    gradient, as one process does: after a micro-batch the gradient G is equal on all ranks (and clipped); the
-    next backward adds each rank's g_r and DDP averages the sum: avg_r(G + g_r) = G + avg_r(g_r);
-  * rank 0 writes TensorBoard, the console lines and the checkpoint-*/epoch-* folders; the logged sums (loss,
-    MRR@10, recall@10, queries) are summed over the ranks (train/all_loss then divided by W, the loss of one
-    process with B·W).
-  The losses and weights equal one process with the batch B·W up to fp rounding (tests/test_adore_ddp.py: 1e-5)
-  when dropout is off (each layout draws other dropout masks) and an epoch's last global batch holds none or at
-  least W queries (the sampler drops a smaller one: at most W − 1 queries per epoch, logged).  Refused under
-  torchrun: --faiss_gpu_index (an index over several GPUs per process), --model_gpu_index and --model_device
-  cuda:N (each process uses cuda:LOCAL_RANK); --model_device cpu / --no_cuda train on the CPU over gloo.
+Every micro-batch encodes the queries (train mode), searches the top --neg_topk documents of the detached queries
+in the frozen exact index, labels them with the training qrels (appending missing positives), scores them against
+the frozen embeddings and takes the ΔMRR-weighted pairwise loss (``model.adore_batch_loss``).  Only the query
+encoder trains.  The steps with their formulas, the torchrun layout and every deviation from the original:
+docs/deviations.md, section "adore.train".
 """
 from __future__ import annotations
 
@@ -74,7 +34,7 @@ from infra.batch_plan import GlobalBatchSampler, TrainingPlan
 from infra.checkpoints import checkpoint_to_resume, prepare_output_dir, set_seed
 from infra.distributed import DistInfo, all_reduce_sum, cleanup_distributed, get_world_size, init_distributed
 from infra.optim import build_optimizer, fp32_context, linear_schedule, make_grad_scaler, optimizer_step, param_groups
-from infra.training_loop import (EpochData, HelpFormatter, StepDriver, TrainerFlags, TrainingRun, add_training_args,
+from infra.training_loop import (EpochData, StepDriver, TrainerFlags, TrainingRun, add_training_args,
                                  cap_training_args, resume_settings, run_steps)
 from model import load_init_model
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
@@ -95,48 +55,11 @@ RESUME_KEYS = ("seed", "per_gpu_batch_size", "gradient_accumulation_steps", "max
                "metric_cut", "append_missing_positives")
 ADORE_FLAGS = TrainerFlags(
     learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
-    init_help="query-encoder initialisation (e.g. the STAR model folder)",
-    preprocess_help="preprocess output: train-query.*, train-qrel.tsv",
-    clip_help="clip after every backward; <= 0: off", run_folder="model_save_dir", run_folders="checkpoint-*/epoch-*")
+    init_help="initial query encoder (e.g. the STAR model)",
+    preprocess_help="preprocess.py output folder",
+    clip_help="clip per backward; <= 0: off", run_folder="model_save_dir", run_folders="checkpoint-*/epoch-*")
+DETAILS = 'docs/deviations.md, section "adore.train"'
 
-EPILOG = """\
---metric_cut: no silent default.  The original's default (None) made every pair weight 0, so nothing trained.
-Here --data_type passage gives 200 (the README's passage command); for documents the paper's value is not
-documented, so --data_type doc (or no --data_type) requires an explicit --metric_cut (JPQ uses 10).
-
-Index (exact inner product, fp32, row = document offset), one search call per micro-batch:
-  * --index_backend faiss: faiss IndexFlatIP on CPU (--faiss_omp_num_threads), on one GPU (--faiss_gpu_index 1;
-    the original passed a list where faiss wants an int) or sharded over several (--faiss_gpu_index 1 2 3);
-  * --index_backend tensor (= --index_on_model_device): a torch tensor on the model's device, chunked matmul +
-    top-k (on a GPU this needs N x dim x 4 bytes beside the model: 27 GB for MS MARCO passages);
-  * auto (default): faiss on --faiss_gpu_index when given, else the tensor when the model is on a GPU with room
-    for it (keeping 6 GiB for training), else CPU faiss.
-  Retrieved embeddings are gathered from the tensor, or from the read-only memmap (as the original).
-
-torchrun: --per_gpu_batch_size is per process (global batch = per_gpu_batch_size x processes); each process holds
-one shard of the index (auto or tensor: a tensor on cuda:LOCAL_RANK when it fits, else CPU faiss) and every step
-searches all processes' queries in it and merges the results: the exact global top K.  Gradients are averaged
-after every backward, so the clipping is the single-process one.  Refused: --faiss_gpu_index, --model_gpu_index,
---model_device cuda:N (the GPU is cuda:LOCAL_RANK).
-
-Kept from the original on purpose: dropout active while retrieving (the ranks include the dropout noise);
-positives appended only when none was retrieved; the loss divided by the NOMINAL per_gpu_batch_size x
-gradient_accumulation_steps, also for a short last batch; gradient clipping after EVERY backward (also
-between accumulated micro-batches); AdamW with weight decay on all but *bias* and *LayerNorm.weight* (the
-head's norm.weight IS decayed); linear warm-up then decay over the whole run; the first 10 batches padded to
---max_seq_length; fp32 everywhere; epoch-<k> model folders after each epoch.
-
-Fixed / changed: --metric_cut resolution above; the single-GPU faiss bug; the model may run on the CPU
-(--model_device cpu / --no_cuda), so training works without a GPU; the data order is a seeded permutation per
-epoch (the original used a RandomSampler), which makes --resume exact: checkpoint-<step> folders (model +
-optimizer, schedule, RNG and data position) at each epoch end and every --save_steps, and --resume continues
-from the latest as if never stopped; with gradient accumulation the last optimizer step of an epoch takes the
-leftover micro-batches (the original carried them into the next epoch); --max_steps for short runs (the
-schedule then spans max_steps); --save_total_limit prunes checkpoint-* folders only (epoch-* folders are kept);
-TensorBoard events go to --log_dir itself (the original added a
-time-stamped sub-folder), with the original's tags lr, train/all_loss, train/mrr_10, train/recall_10; DDP via
-torchrun (above).
-"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,50 +67,48 @@ torchrun (above).
 # ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m adore.train", description=__doc__.split("\n\n")[0],
+                                epilog=f"Details, formulas and the deviations from the original: {DETAILS}.",
+                                formatter_class=ct.CompactHelpFormatter)
     add_training_args(p, ADORE_FLAGS)
     data = p.add_argument_group("data and model")
-    data.add_argument("--pembed_path", required=True,
-                      help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
+    data.add_argument("--pembed_path", "--doc_embeddings", required=True,
+                      help="frozen document embeddings (star.inference)")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
-                      help="only sets the --metric_cut default (passage: 200; doc: none, must be given)")
+                      help="passage: --metric_cut 200 by default")
     data.add_argument("--max_seq_length", type=ct.positive_int, default=64, help="query truncation in tokens")
     data.add_argument("--allow_pickle", action="store_true",
-                      help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
-    data.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
+                      help="load a legacy pytorch_model.bin (trusted)")
+    data.add_argument("--check_finite", action="store_true", help="check the embeddings for NaN/inf")
 
     adore = p.add_argument_group("ADORE")
     adore.add_argument("--metric_cut", type=ct.positive_int, default=None,
-                       help="depth cut of the 1/rank pair weights (see below; must be >= 1)")
+                       help="depth cut of the 1/rank pair weights (>= 1)")
     adore.add_argument("--neg_topk", type=ct.positive_int, default=200,
-                       help="documents retrieved per query per step (K)")
+                       help="documents retrieved per query")
     adore.add_argument("--append_missing_positives", choices=APPEND_MODES, default="none_retrieved",
-                       help="none_retrieved: append all positives when none is in the top K (original); always: "
-                            "append the missing positives of every query, de-duplicated (JPQ)")
+                       help="none_retrieved: the original; always: JPQ's")
 
     out = p.add_argument_group("output")
     out.add_argument("--model_save_dir", required=True,
-                     help="epoch-<k>/ model folders and checkpoint-<step>/ resumable checkpoints")
-    out.add_argument("--log_dir", default=None, help="TensorBoard folder (default: MODEL_SAVE_DIR/log)")
+                     help="epoch-<k>/ and checkpoint-<step>/ folders")
+    out.add_argument("--log_dir", default=None, help="TensorBoard (default: MODEL_SAVE_DIR/log)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_gpu_batch_size", type=ct.positive_int, default=32, help="queries per micro-batch")
 
     hw = p.add_argument_group("devices and index")
     hw.add_argument("--model_device", default=None,
-                    help="device of the query encoder: cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX when "
-                         "CUDA is available and not --no_cuda, else cpu)")
+                    help="cpu, cuda or cuda:N (default: cuda:MODEL_GPU_INDEX if CUDA, else cpu)")
     hw.add_argument("--model_gpu_index", type=ct.non_negative_int, default=None,
-                    help="the original's way to pick the encoder's GPU (default 0; not under torchrun)")
-    hw.add_argument("--index_backend", choices=INDEX_BACKENDS, default="auto", help="see below")
+                    help="the encoder's GPU (0; not under torchrun)")
+    hw.add_argument("--index_backend", choices=INDEX_BACKENDS, default="auto", help="where the index lives")
     hw.add_argument("--index_on_model_device", dest="index_backend", action="store_const", const="tensor",
                     help="same as --index_backend tensor")
-    hw.add_argument("--faiss_gpu_index", type=ct.non_negative_int, nargs="*", default=[],
-                    help="GPUs of the faiss index (several: sharded); none: CPU faiss (not under torchrun)")
+    hw.add_argument("--faiss_gpu_index", "--faiss_gpus", type=ct.non_negative_int, nargs="*", default=[],
+                    help="faiss GPUs (several: sharded; none: CPU)")
     hw.add_argument("--faiss_omp_num_threads", type=ct.positive_int, default=None,
-                    help="OpenMP threads of CPU faiss, at most the CPUs (default: faiss's, one per core; the original "
-                         "used 32)")
+                    help="CPU faiss threads (default: one per core)")
     return p
 
 
@@ -264,7 +185,7 @@ def check_torchrun_args(args: argparse.Namespace, world_size: int) -> None:
         raise InputError("--model_device cuda but CUDA is not available", value=args.model_device)
 
 
-def placement(args: argparse.Namespace) -> DistInfo:
+def dist_info_for(args: argparse.Namespace) -> DistInfo:
     """Where this process trains.  One process: rank 0 of 1 on :func:`resolve_model_device`.  Under torchrun: the
     process group is joined (:func:`infra.distributed.init_distributed`: ``cuda:LOCAL_RANK`` over nccl, or the CPU over
     gloo with ``--no_cuda`` / ``--model_device cpu`` / no CUDA)."""
@@ -478,13 +399,14 @@ class Window:
 
 
 @dataclass
-class Trainer(StepDriver):
+class AdoreStep(StepDriver):
     """Everything a run holds (built by :func:`setup`), and ADORE's part of :func:`infra.training_loop.run_steps`: its
     optimizer step (clipping after every micro-batch's backward, then AdamW without clipping), its ``Window`` of
     logged scalars and the ``epoch-<k>`` model folders.
 
     ``model`` is the encoder; ``wrapped`` the module the forward runs through (``model`` itself in one process,
-    its DDP wrapper under torchrun, which all-reduces the gradients at every backward: see the module docstring)."""
+    its DDP wrapper under torchrun, which all-reduces the gradients at every backward: docs/deviations.md,
+    "adore.train")."""
 
     args: argparse.Namespace
     info: DistInfo
@@ -560,9 +482,9 @@ def _remove_old_epochs(save_dir: Path) -> None:
             shutil.rmtree(old)
 
 
-def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
+def setup(args: argparse.Namespace, info: DistInfo) -> AdoreStep:
     """Model, frozen index (this rank's shard under torchrun), data, optimizer and schedule (restored from the latest
-    checkpoint with --resume), on ``info.device`` (:func:`placement`).
+    checkpoint with --resume), on ``info.device`` (:func:`dist_info_for`).
 
     The inputs (init model, document embeddings against the corpus of --preprocess_dir, queries) are checked
     before the output folder is touched; a damaged checkpoint is refused before anything is written."""
@@ -599,7 +521,7 @@ def setup(args: argparse.Namespace, info: DistInfo) -> Trainer:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     data = EpochData(dataset, sampler, collator, args.seed, args.dataloader_num_workers,
                         pin_memory=device.type == "cuda")
-    return Trainer(args, info, model, wrapped, index, data, run)
+    return AdoreStep(args, info, model, wrapped, index, data, run)
 
 
 def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> None:
@@ -613,7 +535,7 @@ def _warn_dropped_queries(n_queries: int, per_process: int, world_size: int) -> 
 def train(args: argparse.Namespace) -> Path:
     """Run ADORE training as configured by the validated ``args`` (under torchrun: this process's part of it);
     returns ``model_save_dir``."""
-    info = placement(args)
+    info = dist_info_for(args)
     try:
         t = setup(args, info)
         plan = t.run.plan

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from infra.corpus_encoding import encode_to_memmap  # not retrieve_utils: no faiss needed
+from infra.corpus_encoding import EncodingSettings, encode_to_memmap  # not retrieve_utils: no faiss needed
 from infra.embedding_memmap import manifest_path
 from dataset import SequenceCollator, SequenceDataset, TokenIdsCache
 from model import DenseEncoder
@@ -226,10 +226,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             out = Path(tmp) / "emb.memmap"
             for p in (out, manifest_path(out)):
                 p.unlink(missing_ok=True)
-            options = {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}
-            return np.array(encode_to_memmap(counter, dataset, out, args.batch, device, pad, "bench",
-                                                amp=None if args.amp == "fp32" else args.amp, desc="ours",
-                                                **options))
+            settings = EncodingSettings(args.batch, device, pad, amp=None if args.amp == "fp32" else args.amp,
+                                        batch_tokens=args.batch_tokens or None, desc="ours")
+            return np.array(encode_to_memmap(counter, dataset, out, "bench", settings))
 
         def baseline(**options) -> Callable[[TokenCounter], np.ndarray]:
             return lambda counter: offset_order_loop(counter, dataset, args.batch,

@@ -83,10 +83,10 @@ def token_dataset(folder: Path, tokenizer, texts: list[str], max_length: int):
 
 def encode_memmap(model, dataset, path: Path, batch: int, device, amp: Optional[str]) -> np.ndarray:
     """``encode_to_memmap`` (fp32 when ``amp`` is None; on the CPU it ignores ``amp``)."""
-    from infra.corpus_encoding import encode_to_memmap
+    from infra.corpus_encoding import EncodingSettings, encode_to_memmap
 
-    emb = encode_to_memmap(model, dataset, path, batch, device, model.pad_token_id, "bench-precision",
-                           amp=amp, overwrite=True, desc=path.stem)
+    settings = EncodingSettings(batch, device, model.pad_token_id, amp=amp, desc=path.stem)
+    emb = encode_to_memmap(model, dataset, path, "bench-precision", settings, overwrite=True)
     return np.array(emb)
 
 
@@ -215,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 q = encode_memmap(model, q_data, tmp / f"q-{precision}.memmap", args.batch, device, amp)
                 p = encode_memmap(model, p_data, tmp / f"p-{precision}.memmap", args.batch, device, amp)
                 how = (f"{device.type}, fp32 (no autocast), encode_to_memmap" if amp is None else
-                       f"{device.type}, torch.autocast('cuda', {dtypes[precision]}), encode_to_memmap(amp={amp!r})")
+                       f"{device.type}, torch.autocast('cuda', {dtypes[precision]}), encode_to_memmap, amp={amp!r}")
             else:
                 q = encode_loop(model, q_data, args.batch, device, dtypes[precision])
                 p = encode_loop(model, p_data, args.batch, device, dtypes[precision])

@@ -16,7 +16,8 @@ The ranges:
 * :func:`int_range` / :func:`float_range` build any other range.
 
 A thread or worker count has no safe fixed bound (each costs memory; 10**12 would exhaust it), so the code caps it
-at the machine's CPUs with :func:`at_most_cpus` where it is used.
+at the machine's CPUs with :func:`at_most_cpus` where it is used.  :class:`CompactHelpFormatter` keeps the long
+commands' ``--help`` within a screen or two.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import logging
 import math
 import os
+import textwrap
 from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
@@ -101,3 +103,43 @@ def at_most_cpus(count: Optional[int], flag: str) -> Optional[int]:
         return count
     logger.warning("%s %d exceeds the %d CPUs of this machine: using %d", flag, count, cpus, cpus)
     return cpus
+
+
+class CompactHelpFormatter(argparse.HelpFormatter):
+    """``--help`` of a command with many flags: the usage line names the required arguments only, each value is
+    shown by its kind (N: integer, X: number, its choices, else the last word of its name, e.g. PATH or DIR), help
+    texts start at column 32, and each meaningful default is appended (not None, False or [], not a
+    ``store_const`` flag's, not where the help speaks of its default)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 32,
+                 width: Optional[int] = None):
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def add_usage(self, usage, actions, groups, prefix=None) -> None:
+        if usage is None:
+            required = [self._usage_part(a) for a in actions if a.required or not a.option_strings]
+            usage = "\n".join(textwrap.wrap(" ".join([self._prog, *required, "[options]"]),
+                                             self._width - len("usage: "),
+                                             subsequent_indent=" " * (len(self._prog) + 1), break_long_words=False,
+                                             break_on_hyphens=False))
+        super().add_usage(usage, actions, groups, prefix)
+
+    def _usage_part(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return self._format_args(action, self._get_default_metavar_for_positional(action))
+        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        kind = getattr(action.type, "__name__", "")
+        if action.type is int or kind.startswith("an integer"):
+            return "N"
+        if action.type is float or kind.startswith("a finite number"):
+            return "X"
+        return action.dest.rsplit("_", 1)[-1].upper()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.const is None \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text

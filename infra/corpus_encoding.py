@@ -44,14 +44,9 @@ class TokenRows(Protocol):
     def padded_batch(self, indices: np.ndarray, pad_token_id: int) -> tuple[dict[str, torch.Tensor], np.ndarray]: ...
 
 
-def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathLike, batch_size: int,
-                     device: torch.device | str, pad_token_id: int, model_id: str, amp: Optional[str] = None,
-                     resume: bool = True, overwrite: bool = False, block_rows: Optional[int] = None,
-                     num_workers: int = 0, desc: str = "encode", unit: str = "passage",
-                     batch_tokens: Optional[int] = None, shard: Optional[tuple[int, int]] = None
-                     ) -> Optional[np.memmap]:
-    """Encode every item of ``dataset`` into a float32 memmap ``[len(dataset.cache), dim]`` at ``out_path``
-    (row = offset; rows of offsets not in the dataset stay 0) and return it opened read-only.
+@dataclass(frozen=True)
+class EncodingSettings:
+    """How :func:`encode_to_memmap` encodes, on ``device``.
 
     Batches follow :mod:`encoding_plan`: items longest first, each batch padded only to its own longest item
     (``pad_token_id``, attention 0), of ``batch_size`` rows or, with ``batch_tokens``, of at most that many
@@ -59,6 +54,28 @@ def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathL
     ``n_gpus`` times as much per batch.  On CUDA each batch's embeddings are copied to the host while the next
     batch runs (no host sync per batch).
     ``amp`` "fp16"/"bf16" turns on autocast on CUDA (ignored, with a warning, on CPU); fp32 by default.
+    ``num_workers``: DataLoader workers; ``block_rows``: rows per resumable block (default: whole batches of about
+    :data:`BLOCK_TARGET_ROWS` rows, :data:`TOKEN_BATCHING_BLOCK_ROWS` with a token budget); ``desc`` and ``unit``
+    label the progress bar.
+    """
+
+    batch_size: int
+    device: torch.device | str
+    pad_token_id: int
+    amp: Optional[str] = None
+    batch_tokens: Optional[int] = None
+    num_workers: int = 0
+    block_rows: Optional[int] = None
+    desc: str = "encode"
+    unit: str = "passage"
+
+
+def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathLike, model_id: str,
+                     settings: EncodingSettings, resume: bool = True, overwrite: bool = False,
+                     shard: Optional[tuple[int, int]] = None) -> Optional[np.memmap]:
+    """Encode every item of ``dataset`` into a float32 memmap ``[len(dataset.cache), dim]`` at ``out_path``
+    (row = offset; rows of offsets not in the dataset stay 0) as ``settings`` say and return it opened
+    read-only.  ``model_id`` identifies the model in the file's manifest.
 
     ``shard=(s, n)``: encode only shard ``s`` of ``n`` (:mod:`encoding_plan`: whole batches of the one-process
     plan, balanced by tokens; one device) into its own file :func:`shard_path` (rows in encoding order, its own
@@ -72,8 +89,8 @@ def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathL
       * otherwise (other model / max length / N / dim / precision / data, no manifest, ``resume=False``):
         :class:`InputError` naming the mismatch, unless ``overwrite``, which re-encodes from scratch.
     """
-    device = torch.device(device)
-    precision = _effective_precision(amp, device)
+    device = torch.device(settings.device)
+    precision = _effective_precision(settings.amp, device)
     n_rows = len(dataset.cache)
     if len(dataset) == 0:
         raise InputError("nothing to encode: the dataset is empty", path=dataset.cache.path)
@@ -82,7 +99,8 @@ def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathL
                 "dim": int(_unwrap(model).output_dim), "dtype": "float32", "precision": precision,
                 "order_hash": _order_hash(dataset, order)}
     n_devices = 1 if shard is not None else _n_devices(device)
-    batching = _Batching(batch_size * n_devices, None if not batch_tokens else batch_tokens * n_devices)
+    batching = _Batching(settings.batch_size * n_devices,
+                         None if not settings.batch_tokens else settings.batch_tokens * n_devices)
     sorted_lengths = dataset.lengths[order]
     path = Path(out_path)
     if shard is None:
@@ -101,14 +119,13 @@ def encode_to_memmap(model: torch.nn.Module, dataset: TokenRows, out_path: PathL
         identity = {"shard": list(shard), "batching": batching.describe(), "order_range": [first, end],
                     **identity, "n_rows": end - first, "corpus_rows": n_rows}
         path = shard_path(path, *shard)
-    if block_rows is None:
-        block_rows = batching.default_block_rows()
+    block_rows = settings.block_rows if settings.block_rows is not None else batching.default_block_rows()
     manifest = _open_or_start(path, identity, block_rows, resume, overwrite)
     if not manifest["complete"]:
         embeddings = np.memmap(path, dtype=np.float32, mode="r+", shape=(identity["n_rows"], identity["dim"]))
         bounds = batching.bounds(sorted_lengths[:end], first + manifest["completed_rows"])
         _encode_blocks(_EncodeJob(model, dataset, order, embeddings, manifest, path, bounds, first, end,
-                                  shard is None, device, pad_token_id, precision, num_workers, desc, unit))
+                                  shard is None, device, precision, settings))
         del embeddings
     if shard is not None:
         return None
@@ -307,12 +324,9 @@ class _EncodeJob:
     first: int                    # positions ``[first, end)`` of ``order`` are the file's rows
     end: int
     rows_are_offsets: bool        # True: row = offset (the whole file); False: row = position - first (a shard)
-    device: torch.device
-    pad_token_id: int
+    device: torch.device          # settings.device as a torch device
     precision: str
-    num_workers: int
-    desc: str
-    unit: str
+    settings: EncodingSettings
 
 
 class _PlannedBatches(Sampler):
@@ -359,15 +373,15 @@ def _encode_blocks(job: _EncodeJob) -> None:
     manifest = job.manifest
     total, done = job.end - job.first, manifest["completed_rows"]
     flushes = flush_points(job.bounds, manifest["block_rows"])
-    loader = DataLoader(_BatchReader(job.dataset, job.pad_token_id), sampler=_PlannedBatches(job.order, job.bounds),
-                        batch_size=None, num_workers=job.num_workers, pin_memory=job.device.type == "cuda")
+    loader = DataLoader(_BatchReader(job.dataset, job.settings.pad_token_id), sampler=_PlannedBatches(job.order, job.bounds),
+                        batch_size=None, num_workers=job.settings.num_workers, pin_memory=job.device.type == "cuda")
     runner, was_training = _prepare_model(job.model, job.device, job.rows_are_offsets)
     # DataParallel replicates modules with autograd-aware broadcasts; plain no_grad is the safe mode there.
     grad_off = torch.no_grad() if isinstance(runner, torch.nn.DataParallel) else torch.inference_mode()
     buffers = _HostBuffers(job)
     pending: Optional[_Launched] = None
     try:
-        with grad_off, tqdm(total=total, initial=done, desc=job.desc, unit=job.unit, unit_scale=True,
+        with grad_off, tqdm(total=total, initial=done, desc=job.settings.desc, unit=job.settings.unit, unit_scale=True,
                             dynamic_ncols=True, disable=None) as bar:
             for i, ((inputs, ids), bounds) in enumerate(zip(loader, job.bounds.tolist())):
                 launched = _Launched(*buffers.launch(_forward(runner, inputs, job), i), ids, tuple(bounds),

@@ -299,12 +299,11 @@ def write_rank_file(path: PathLike, qoffsets: Sequence[int] | np.ndarray, ids: n
 def add_search_args(parser: argparse.ArgumentParser, topk: int) -> None:
     """``--topk``, ``--faiss_gpus``, ``--search_mem_gb``, ``--with_scores``."""
     parser.add_argument("--topk", type=ct.positive_int, default=topk,
-                        help=f"results per query, at most the number of documents (default {topk})")
+                        help="results per query (at most the documents)")
     parser.add_argument("--faiss_gpus", type=ct.non_negative_int, nargs="+", default=None,
-                        help="GPU ids for faiss (several: sharded index); without them CPU faiss, or on a CUDA "
-                             "device that faiss cannot use (faiss-cpu) the exact torch index on that GPU")
+                        help="faiss GPUs (several: sharded); none: CPU faiss, or the torch index "
+                             "on a GPU faiss cannot use")
     parser.add_argument("--search_mem_gb", type=ct.positive_float, default=None,
-                        help="RAM budget for CPU search, at most the machine's memory: larger embedding files are "
-                             "searched streamed from disk (default: half of the available memory)")
+                        help="RAM for CPU search; larger files are streamed (default: half the free RAM)")
     parser.add_argument("--with_scores", action="store_true",
-                        help="add the inner-product score as a 4th rank-file column (the original writes 3)")
+                        help="add a 4th rank-file column: the score")

@@ -33,18 +33,6 @@ logger = logging.getLogger(__name__)
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The trainers' ``--help``: keeps the epilog's line breaks and appends each meaningful default (not None,
-    False or [], not a ``store_const`` flag's, not one the help already shows)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and action.const is None \
-                and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 @dataclass(frozen=True)
 class TrainerFlags:
     """Where the flags both trainers share differ: a trainer's defaults and its wording of a few helps."""
@@ -66,34 +54,32 @@ def add_training_args(parser: argparse.ArgumentParser, flags: TrainerFlags) -> a
     g.add_argument("--init_path", required=True, help=flags.init_help)
     g.add_argument("--preprocess_dir", required=True, help=flags.preprocess_help)
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help=f"train into a non-empty {flags.run_folder} (its old {flags.run_folders} folders are removed)")
+                   help=f"train into a non-empty {flags.run_folder.upper()}, removing its {flags.run_folders}")
     g.add_argument("--resume", action="store_true",
-                   help=f"continue from the latest checkpoint-<step> in {flags.run_folder} as if never stopped "
-                        "(starts from scratch when there is none)")
+                   help="continue from the newest checkpoint-<step>")
     g.add_argument("--logging_steps", type=ct.positive_int, default=flags.logging_steps,
-                   help="TensorBoard/console interval in steps")
+                   help="log interval in steps")
     g.add_argument("--save_steps", type=ct.non_negative_int, default=None,
-                   help="also write a checkpoint every N steps (default or 0: only at each epoch end, as the "
-                        "original)")
+                   help="also checkpoint every N steps (0: epoch ends)")
     g.add_argument("--save_total_limit", type=ct.non_negative_int, default=None,
-                   help="keep only the newest N checkpoint-* folders (default or 0: all)")
+                   help="keep the newest N checkpoint-* (0: all)")
     g.add_argument("--gradient_accumulation_steps", type=ct.positive_int, default=1, help="micro-batches per step")
     g.add_argument("--learning_rate", type=ct.non_negative_float, default=flags.learning_rate,
                    help="peak learning rate")
     g.add_argument("--weight_decay", type=ct.non_negative_float, default=0.01,
-                   help="for all parameters but *bias* and *LayerNorm.weight*")
+                   help="weight decay")
     g.add_argument("--adam_epsilon", type=ct.non_negative_float, default=1e-8, help="Lamb/AdamW epsilon")
     g.add_argument("--max_grad_norm", type=ct.finite_float, default=1.0, help=flags.clip_help)
     g.add_argument("--num_train_epochs", type=ct.non_negative_float, default=flags.num_train_epochs,
                    help="schedule length in epochs")
     g.add_argument("--max_steps", type=ct.int_range(-1), default=-1,
-                   help="if > 0: total steps (overrides epochs)")
+                   help="> 0: schedule length in steps")
     g.add_argument("--warmup_steps", type=ct.non_negative_int, default=flags.warmup_steps,
                    help="linear warm-up steps")
-    g.add_argument("--seed", type=ct.seed, default=42, help="seeds the RNGs and the data order")
-    g.add_argument("--no_cuda", action="store_true", help="train on the CPU even if CUDA is available")
+    g.add_argument("--seed", type=ct.seed, default=42, help="seed of the RNGs and the data order")
+    g.add_argument("--no_cuda", action="store_true", help="train on the CPU even with CUDA")
     g.add_argument("--dataloader_num_workers", type=ct.non_negative_int, default=0,
-                   help="DataLoader worker processes (at most the machine's CPUs)")
+                   help="DataLoader workers (at most the CPUs)")
     return g
 
 

@@ -8,10 +8,10 @@ Outputs in ``--output_dir`` (default ``./data/{data_type}/evaluate/star``):
   refused instead of silently reused (the original reused any existing memmap without checking);
 * ``{mode}.rank.tsv``: ``qoffset\\tpoffset\\trank`` (top ``--topk``; ``--with_scores`` adds the score).
 
-Several processes: ``torchrun --nproc_per_node N star/inference.py ...`` shares the encoding and the search among
-the ranks; ``--shard_id K --num_shards N`` encodes one shard of the corpus per job (``inference_pipeline``).
+Several processes: ``torchrun --nproc_per_node N -m star.inference ...`` shares the encoding and the search among
+the ranks; ``--shard_id K --num_shards N`` encodes one shard of the corpus per job (``retrieve_utils``).
 
-Example (README): ``python star/inference.py --data_type passage --max_doc_length 256 --mode dev``.
+Example (README): ``python -m star.inference --data_type passage --max_doc_length 256 --mode dev``.
 """
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ from typing import Optional
 
 
 import retrieve_utils as ru
+from infra import cli_types as ct
 from infra.distributed import cleanup_distributed
 from infra.io import configure_logging, env_int, refuse_existing, run_cli
 from preprocess import SPLIT_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m star.inference", description=__doc__.split("\n\n")[0],
+                                     formatter_class=ct.CompactHelpFormatter)
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True, help="chooses the default paths")
     ru.add_query_and_corpus_args(parser, batch_size=32)
     parser.add_argument("--mode", choices=SPLIT_NAMES, required=True,

@@ -1,42 +1,14 @@
 """Static hard negatives for STAR, as the original star/prepare_hardneg.py: rank the corpus for every query of a
-split, drop the query's positives and keep the first ``--topk`` documents in rank order.
+split, drop the query's positives and keep the first --topk documents in rank order.
 
-Two sources of rankings:
+    python -m star.prepare_hardneg --data_type passage --max_doc_length 256 --mode train --topk 200
 
-* **the warm-up model** (default, the original): encode ``{mode}-query`` and the corpus with the model in
-  ``--model_dir`` (retrieve_utils: length-sorted batches, resumable corpus encode, memmaps of another model or
-  length refused), exact inner-product top-(topk + 10), written as ``{mode}.rank.tsv``;
-* **an external run file** (``--run_file``, no model): e.g. the official MS MARCO BM25 top-100 run, the negatives
-  of the document warm-up that the original never shipped (DRhard issue #18).  Lines are MS MARCO
-  ``qid pid rank [score]`` or TREC ``qid Q0 docid rank score tag`` with OFFICIAL ids (documents ``D``-prefixed),
-  read by :mod:`run_file` (line rules there) and mapped to offsets with ``passages_ids.npy`` and
-  ``{mode}-query_ids.npy`` of ``--preprocess_dir``.  The rank column orders a rank file's documents; a TREC run's
-  are ordered by score as trec_eval does.  Lines naming ids the preprocessing does not know are skipped and
-  counted.
-
-With the model source, ``torchrun --nproc_per_node N`` shares the encoding and the search among the ranks (rank 0
-mines and writes), and ``--shard_id K --num_shards N`` encodes one shard of the corpus per job
-(``inference_pipeline``); the run-file source runs as one process.
-
-Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives (``--topk`` below the corpus size).  Every
-qrels line counts as a positive (the grade is ignored, like the original's ``load_rel``).  A query left with fewer
-than ``topk`` is an error unless ``--fill_random`` (the default with ``--run_file``, as the original's first
-version) completes it with distinct random non-positive documents drawn from ``np.random.default_rng([seed,
-qoffset])`` (reproducible per query).
-
-Outputs in ``--output_dir`` (default ``./data/{data_type}/warmup_retrieve``), each written atomically:
-
-* ``hard.npy`` int32 ``[n_queries, topk]`` (negative passage offsets, rank order) and ``hard_qids.npy`` int64
-  ``[n_queries]`` (the query offset of each row: the sorted qoffsets of ``{mode}-qrel.tsv``); read them with
-  ``dataset.load_hardneg``.  ``hard.npy`` is written last, so it never sits beside another run's ``hard_qids.npy``;
-* ``hard.json`` (``--write_json``): the original format ``{"qoffset": [poffset, ...]}``;
-* model source only: ``{mode}-query.memmap``, ``passages.memmap`` (+ manifests) and ``{mode}.rank.tsv``
-  (``qoffset\\tpoffset\\trank``, top topk + 10).
-
-Finally the MS MARCO MRR@10 of the ranking over the qrels queries is printed (msmarco_eval's definition: the sum
-of reciprocal ranks divided by the number of qrels queries).
-
-Example: ``python star/prepare_hardneg.py --data_type passage --max_doc_length 256 --mode train --topk 200``.
+The rankings come from the warm-up model in ``--model_dir`` (the original; torchrun or ``--shard_id`` jobs share the
+encoding as in star.inference) or from an external run file (``--run_file``, no model: e.g. the official BM25
+top-100).  Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives, written to ``hard.npy`` +
+``hard_qids.npy`` (``dataset.load_hardneg``) in ``--output_dir``; the MS MARCO MRR@10 of the ranking is printed.
+The two sources, the random fill and the output files: :func:`main`; the deviations from the original:
+docs/deviations.md, section "star.prepare_hardneg".
 """
 from __future__ import annotations
 
@@ -73,30 +45,28 @@ MISSING = -1
 # ==============================================================================================================
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="The search depth is topk + 10 (room for the dropped positives).")
+    parser = argparse.ArgumentParser(prog="python -m star.prepare_hardneg", description=__doc__.split("\n\n")[0],
+                                     epilog="The search depth is topk + 10 (room for the dropped positives).  "
+                                            'Details: docs/deviations.md, section "star.prepare_hardneg".',
+                                     formatter_class=ct.CompactHelpFormatter)
     parser.add_argument("--data_type", choices=["passage", "doc"], required=True,
-                        help="chooses the default paths and how document ids are read (D prefix)")
+                        help="default paths; doc: D-prefixed ids")
     ru.add_query_and_corpus_args(parser, batch_size=128)
     parser.add_argument("--mode", choices=SPLIT_NAMES, default="train",
-                        help="query split to mine (default train: STAR trains on the train queries; the original "
-                             "README's --mode dev is a bug, DRhard issue #24)")
-    parser.add_argument("--model_dir", help="warm-up encoder (default ./data/{data_type}/warmup)")
-    parser.add_argument("--preprocess_dir", help="preprocessed data (default ./data/{data_type}/preprocess)")
-    parser.add_argument("--output_dir", help="output folder (default ./data/{data_type}/warmup_retrieve)")
+                        help="query split (default train; the README's dev: issue #24)")
+    parser.add_argument("--model_dir", help="warm-up encoder (default: data/TYPE/warmup)")
+    parser.add_argument("--preprocess_dir", help="(default: data/TYPE/preprocess)")
+    parser.add_argument("--output_dir", help="(default: data/TYPE/warmup_retrieve)")
     parser.add_argument("--not_faiss_cuda", action="store_true",
-                        help="search with CPU faiss (default: every GPU faiss sees, as the original; with faiss-cpu "
-                             "on a CUDA machine, the exact torch index on the encoding GPU)")
+                        help="search on the CPU (default: faiss's GPUs)")
     ru.add_inference_args(parser, topk=200)
     source = parser.add_argument_group("external run file (no model)")
-    source.add_argument("--run_file", help="take the rankings from this run instead of the model: MS MARCO "
-                                           "'qid pid rank' or TREC 'qid Q0 docid rank score tag', official ids")
+    source.add_argument("--run_file", help="rank file or TREC run with official ids")
     source.add_argument("--fill_random", action=argparse.BooleanOptionalAction, default=None,
-                        help="complete queries with fewer than topk negatives with random non-positive documents "
-                             "(default: on with --run_file, off with the model, where a short query is an error)")
-    source.add_argument("--seed", type=ct.seed, default=FILL_SEED, help="seed of the random fill (default %(default)s)")
+                        help="complete short queries with random negatives (default: with --run_file)")
+    source.add_argument("--seed", type=ct.seed, default=FILL_SEED, help="seed of the random fill")
     parser.add_argument("--write_json", action="store_true",
-                        help="also write hard.json, the original's format {\"qoffset\": [poffset, ...]}")
+                        help="also write hard.json (the original's format)")
     return parser
 
 
@@ -359,6 +329,43 @@ def print_mrr(candidates: np.ndarray, qoffsets: np.ndarray, rel: dict[int, list[
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Mine the hard negatives of the ``--mode`` queries and write them.
+
+    Two sources of rankings:
+
+    * **the warm-up model** (default, the original): encode ``{mode}-query`` and the corpus with the model in
+      ``--model_dir`` (retrieve_utils: length-sorted batches, resumable corpus encode, memmaps of another model or
+      length refused), exact inner-product top-(topk + 10), written as ``{mode}.rank.tsv``;
+    * **an external run file** (``--run_file``, no model): e.g. the official MS MARCO BM25 top-100 run, the negatives
+      of the document warm-up that the original never shipped (DRhard issue #18).  Lines are MS MARCO
+      ``qid pid rank [score]`` or TREC ``qid Q0 docid rank score tag`` with OFFICIAL ids (documents ``D``-prefixed),
+      read by :mod:`run_file` (line rules there) and mapped to offsets with ``passages_ids.npy`` and
+      ``{mode}-query_ids.npy`` of ``--preprocess_dir``.  The rank column orders a rank file's documents; a TREC run's
+      are ordered by score as trec_eval does.  Lines naming ids the preprocessing does not know are skipped and
+      counted.
+
+    With the model source, ``torchrun --nproc_per_node N`` shares the encoding and the search among the ranks (rank 0
+    mines and writes), and ``--shard_id K --num_shards N`` encodes one shard of the corpus per job
+    (``retrieve_utils``); the run-file source runs as one process.
+
+    Every query of ``{mode}-qrel.tsv`` gets exactly ``topk`` negatives (``--topk`` below the corpus size).  Every
+    qrels line counts as a positive (the grade is ignored, like the original's ``load_rel``).  A query left with fewer
+    than ``topk`` is an error unless ``--fill_random`` (the default with ``--run_file``, as the original's first
+    version) completes it with distinct random non-positive documents drawn from ``np.random.default_rng([seed,
+    qoffset])`` (reproducible per query).
+
+    Outputs in ``--output_dir`` (default ``./data/{data_type}/warmup_retrieve``), each written atomically:
+
+    * ``hard.npy`` int32 ``[n_queries, topk]`` (negative passage offsets, rank order) and ``hard_qids.npy`` int64
+      ``[n_queries]`` (the query offset of each row: the sorted qoffsets of ``{mode}-qrel.tsv``); read them with
+      ``dataset.load_hardneg``.  ``hard.npy`` is written last, so it never sits beside another run's ``hard_qids.npy``;
+    * ``hard.json`` (``--write_json``): the original format ``{"qoffset": [poffset, ...]}``;
+    * model source only: ``{mode}-query.memmap``, ``passages.memmap`` (+ manifests) and ``{mode}.rank.tsv``
+      (``qoffset\\tpoffset\\trank``, top topk + 10).
+
+    Finally the MS MARCO MRR@10 of the ranking over the qrels queries is printed (msmarco_eval's definition: the sum
+    of reciprocal ranks divided by the number of qrels queries).
+    """
     args = build_parser().parse_args(argv)
     configure_logging(env_int("RANK", 0) == 0)
     if args.run_file:

@@ -1,23 +1,14 @@
 """Train a dense retriever with STAR (static hard negatives + in-batch negatives) or the Inbatch-Neg / Rand-Neg
 baselines (Zhan et al. 2021; the original star/train.py and model.py).
 
-    python star/train.py --init_path data/passage/warmup --preprocess_dir data/passage/preprocess \\
+    python -m star.train --init_path data/passage/warmup --preprocess_dir data/passage/preprocess \\
         --hardneg_path data/passage/warmup_retrieve/hard.npy --output_dir data/passage/star_train/models --fp16
-    torchrun --nproc_per_node 4 star/train.py ... --per_device_train_batch_size 64     # same global batch 256
+    torchrun --nproc_per_node 4 -m star.train ... --per_device_train_batch_size 64     # same global batch 256
 
-Losses (pairwise logistic over masked score matrices, ``model.py``), per ``--negative_mode``:
-  * ``star`` (default): L = [Σ M_ij·sp(s_ij − s_ii) + Σ N_ik·sp(u_ik − s_ii)] / [Σ M + Σ N] — every query against
-    the other queries' positives and ALL hard negatives of the batch, one pooled mean, no α (faithful).
-  * ``inbatch``: L = Σ M_ij·sp(s_ij − s_ii) / Σ M.
-  * ``rand``: L = Σ N_ik·sp(t_ik − s_ii) / Σ N over ALL B·R random corpus docs of the batch (in-batch
-    positives unused).
-
-Distributed data parallel (a deviation; the original trained on one GPU): each rank encodes its
-``--per_device_train_batch_size`` items, document embeddings (and their ids, for the relevance masks) are
-gathered from every rank, and each rank's loss covers its local queries against the whole global batch's
-documents: ``loss_r = Σ_local pair terms / Σ_global pair count · world_size``.  DDP's gradient averaging then
-gives exactly the single-process gradient of the global batch (the gather's backward sums every rank's
-gradient for the local documents).
+The loss of ``--negative_mode`` (pairwise logistic over masked score matrices, ``model.py``): ``star`` pools the
+in-batch and the static hard negatives in one mean without alpha, as the original; ``inbatch`` and ``rand`` are
+the baselines.  The formulas, the torchrun layout and every deviation from the original: docs/deviations.md,
+section "star.train".
 """
 from __future__ import annotations
 
@@ -39,7 +30,7 @@ from infra.distributed import (DistInfo, all_gather_object, all_gather_with_grad
                                cleanup_distributed, get_world_size, init_distributed)
 from infra.optim import (OPTIMIZERS, autocast_context, build_optimizer, fp32_context, linear_schedule, make_grad_scaler,
                          optimizer_step, param_groups)
-from infra.training_loop import (EpochData, HelpFormatter, StepDriver, TrainerFlags, TrainingRun, add_training_args,
+from infra.training_loop import (EpochData, StepDriver, TrainerFlags, TrainingRun, add_training_args,
                                  cap_training_args, resume_settings, run_steps)
 from model import load_init_model
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
@@ -58,31 +49,11 @@ RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient
                "rand_num", "max_query_length", "max_doc_length")
 STAR_FLAGS = TrainerFlags(
     learning_rate=1e-4, num_train_epochs=100.0, warmup_steps=1000, logging_steps=50,
-    init_help="warm-up model folder (e.g. the ANCE/STAR warm-up)",
-    preprocess_help="preprocess output: passages.*, train-query.*, train-qrel.tsv",
-    clip_help="clip (after fp16 unscaling); <= 0: off", run_folder="output_dir", run_folders="checkpoint-*")
+    init_help="warm-up model folder (e.g. ANCE's)",
+    preprocess_help="preprocess.py output folder",
+    clip_help="clip (fp16: unscaled); <= 0: off", run_folder="output_dir", run_folders="checkpoint-*")
 
-EPILOG = """\
-Batch size: --per_device_train_batch_size is per process (as in HF).  Negatives are shared across the whole
-global batch of per_device x world_size queries; one optimizer step covers per_device x world_size x
-gradient_accumulation_steps queries (accumulated micro-batches do not see each other's negatives).
-
-Kept from the original on purpose: the pooled loss with no alpha (issue #20); --hard_num 1 (the original
-hard-coded 1); the 100-epoch linear schedule (the authors stopped the run around 50k steps, LR still ~75%
-of peak); weight decay on every parameter except names containing "bias" or "LayerNorm.weight", so the head's
-norm.weight IS decayed; Lamb without bias correction, decay inside the trust ratio, weight norm clamped at 10;
-the first 10 batches padded to the maximum lengths.
-
-Fixed / changed: --logging_dir is honoured (the original always wrote output_dir/log, which is our default);
-TensorBoard works (tags loss, learning_rate, epoch every --logging_steps); --resume continues exactly from the
-latest checkpoint-<step> (data order depends only on seed and epoch); checkpoints are plain model folders
-plus trainer_state.pt; the Inbatch-Neg and Rand-Neg baselines (removed from the original repo) are
---negative_mode inbatch|rand (their historical batch 64 / lr 5e-6 defaults are not restored: pass them); with
-lamb, --adam_beta1/2 are passed to Lamb (the original ignored them; the defaults are the same); adamw is
-torch.optim.AdamW; DDP via torchrun; --bf16.  Speed (same batches, same update): without DataLoader workers the
-next batches are collated in a background thread while the step runs; Lamb updates all parameters with
-multi-tensor (torch._foreach_*) operations; a step reads no tensor value on the host but fp16's GradScaler check.
-"""
+DETAILS = 'docs/deviations.md, section "star.train"'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,49 +61,46 @@ multi-tensor (torch._foreach_*) operations; a step reads no tensor value on the 
 # ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m star.train", description=__doc__.split("\n\n")[0],
+                                epilog=f"Details, formulas and the deviations from the original: {DETAILS}.",
+                                formatter_class=ct.CompactHelpFormatter)
     add_training_args(p, STAR_FLAGS)
     data = p.add_argument_group("data and model")
     data.add_argument("--negative_mode", choices=MODES, default="star",
-                      help="star: in-batch + static hard negatives; inbatch: Inbatch-Neg; rand: Rand-Neg")
-    data.add_argument("--hardneg_path", help="hard.npy (+ hard_qids.npy) or hard.json of the TRAIN queries "
-                                             "(star/prepare_hardneg.py --mode train); required for star")
+                      help="star, or the baselines Inbatch-/Rand-Neg")
+    data.add_argument("--hardneg_path", help="hard.npy or hard.json of the train queries "
+                                             "(star.prepare_hardneg); required for star")
     data.add_argument("--hard_num", type=ct.positive_int, default=1,
-                      help="hard negatives sampled per query per epoch (the original hard-coded 1)")
+                      help="hard negatives per query per epoch")
     data.add_argument("--rand_num", type=ct.positive_int, default=1,
-                      help="random corpus docs per query for --negative_mode rand (the paper's value is "
-                           "not in the repo)")
+                      help="random docs per query (rand mode)")
     data.add_argument("--max_query_length", type=ct.positive_int, default=24, help="query truncation")
     data.add_argument("--max_doc_length", type=ct.positive_int, default=120,
-                      help="doc truncation, end token kept (120: passages; the code comment says 512 for "
-                           "documents)")
-    data.add_argument("--padding", action="store_true", help="always pad batches to the maximum lengths")
+                      help="doc truncation, end token kept")
+    data.add_argument("--padding", action="store_true", help="pad every batch to the maximum lengths")
     data.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing")
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="./data/passage/star_train/models",
-                     help="checkpoints (checkpoint-<step>/) and the final model")
-    out.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT_DIR/log)")
+                     help="checkpoint-<step>/ folders, final model")
+    out.add_argument("--logging_dir", help="TensorBoard (default: OUTPUT_DIR/log)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--per_device_train_batch_size", type=ct.positive_int, default=256,
-                     help="queries per process per micro-batch")
+                     help="queries per process and micro-batch")
     opt.add_argument("--optimizer_str", choices=OPTIMIZERS, default="lamb", help="optimizer")
     opt.add_argument("--adam_beta1", type=ct.beta, default=0.9, help="Lamb/AdamW beta1, in [0, 1)")
     opt.add_argument("--adam_beta2", type=ct.beta, default=0.999, help="Lamb/AdamW beta2, in [0, 1)")
     opt.add_argument("--stop_after_steps", type=ct.positive_int, default=None,
-                     help="stop (with a checkpoint and the final model) after this many optimizer steps without "
-                          "shortening the schedule: the authors stopped their 100-epoch run by hand around 50k "
-                          "steps, LR still ~75%% of peak (--max_steps instead sets the schedule's length)")
+                     help="stop after N steps, keeping the schedule (as the authors did, around 50k)")
 
     hw = p.add_argument_group("hardware")
     prec = hw.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 autocast + GradScaler (losses in fp32)")
-    prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a deviation; losses in fp32)")
-    hw.add_argument("--do_train", action="store_true", help="accepted for compatibility (always trains)")
+    prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast (losses in fp32)")
+    hw.add_argument("--do_train", action="store_true", help="accepted; always trains")
     hw.add_argument("--local_rank", "--local-rank", type=ct.int_range(-1), default=-1,
-                    help="ignored: the rank comes from torchrun's environment")
+                    help="ignored (torchrun sets the rank)")
     return p
 
 
@@ -268,7 +236,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any
 # Training loop
 # ----------------------------------------------------------------------------------------------------------
 
-class StarSteps(StepDriver):
+class StarStep(StepDriver):
     """STAR's optimizer step: the micro-batches' gradients accumulated (:func:`accumulate_gradients`), then
     clipping and the optimizer step (:func:`infra.optim.optimizer_step`).  Logged: ``loss`` (averaged over the
     logged steps and the ranks), ``learning_rate`` and the fractional ``epoch``."""
@@ -339,7 +307,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> Path:
     epochs = EpochData(data.dataset, sampler, data.collator, args.seed, args.dataloader_num_workers,
                           pin_memory=info.device.type == "cuda",
                           read_ahead=READ_AHEAD_STEPS * args.gradient_accumulation_steps)
-    run_steps(run, epochs, StarSteps(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
+    run_steps(run, epochs, StarStep(args, run, wrapped, data.rel_dict, info), log_dir=args.logging_dir,
                  logging_steps=args.logging_steps, end_step=last_step(args, plan), main_process=info.is_main)
     if info.is_main:
         model.save_pretrained(output_dir)

@@ -11,6 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config):
+    """``slow``: tests of more than ~5 s (subprocess pipelines, torchrun, kill-and-resume).  The whole suite (CI,
+    the README command) runs them; the fast local loop is ``python -m pytest -q -m "not slow" tests``."""
+    config.addinivalue_line("markers", "slow: takes more than ~5 s; deselect with -m 'not slow' for a fast loop")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The ../shared folder beside the checkout (real data); skip where a user's clone lacks it."""

@@ -101,10 +101,12 @@ def assert_trains_like_one_process(data, distributed: Path, tmp_path: Path, worl
     assert max((last[k] - init[k]).abs().max().item() for k in init) > 1000 * TOLERANCE  # the weights moved
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_global_batch(data, two_processes, tmp_path):
     assert_trains_like_one_process(data, two_processes, tmp_path, 2)
 
 
+@pytest.mark.slow
 def test_three_processes_with_uneven_shards_and_batches_train_like_one_process(data, tmp_path):
     out = tmp_path / "three"
     result = torchrun(3, TRAIN, train_args(data, out, 3))
@@ -129,6 +131,7 @@ run_cli(adore_train.main, sys.argv[2:], torchrun=True)
 """
 
 
+@pytest.mark.slow
 def test_rank_killed_after_a_checkpoint_and_job_resumed_equals_uninterrupted(data, two_processes, tmp_path):
     """Rank 1 is SIGKILLed right after checkpoint-1 (mid-epoch); torchrun ends rank 0; the same job rerun with
     --resume ends with every checkpoint-<k> and epoch-<k> folder equal to the uninterrupted run's, bit for bit

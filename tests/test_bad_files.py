@@ -168,6 +168,7 @@ N_PASSAGES = 600  # make_encoder_inputs
     (N_PASSAGES - 100, np.float32, None, ["covers 500 passages but the corpus in", "passages_meta has 600"]),
     (N_PASSAGES, np.float64, {"n_rows": N_PASSAGES, "dim": 16}, ["2x the float32 size its manifest describes"]),
 ], ids=["fewer rows than the corpus", "float64 beside a float32 manifest"])
+@pytest.mark.slow
 def test_adore_inference_refuses_mismatched_embeddings_and_keeps_the_rank_file(tmp_path, encoder_inputs, rows,
                                                                                 dtype, manifest, needles):
     docs = tmp_path / "docs.memmap"
@@ -183,6 +184,7 @@ def test_adore_inference_refuses_mismatched_embeddings_and_keeps_the_rank_file(t
     assert tree_hash(tmp_path, skip_tmp=False) == before
 
 
+@pytest.mark.slow
 def test_adore_train_refuses_embeddings_shorter_than_their_manifest_before_touching_the_output(tmp_path):
     data = make_adore_data(tmp_path / "data")
     manifest_path(data.emb).write_text(json.dumps({
@@ -317,6 +319,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_leaves_the_output(tmp_path, cap
 
 
 @pytest.mark.parametrize("name", ["star", "adore"])
+@pytest.mark.slow
 def test_resume_cli_refuses_truncated_weights(tmp_path, trained, name):
     trainer, out, checkpoint, needles = _damaged_copy(trained, name, _truncated_weights, tmp_path)
     before = tree_hash(out, skip_tmp=False)

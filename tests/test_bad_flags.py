@@ -87,6 +87,9 @@ EDGES = [
       "adam_beta1": 0.0, "seed": 2 ** 32 - 1, "local_rank": -1}),
     ("adore.train", ["--model_gpu_index", "0", "--faiss_gpu_index", "0", "1", "--metric_cut", "1"],
      {"model_gpu_index": 0, "faiss_gpu_index": [0, 1], "metric_cut": 1}),
+    ("adore.train", ["--faiss_gpus", "0", "1", "--doc_embeddings", "e2"],
+     {"faiss_gpu_index": [0, 1], "pembed_path": "e2"}),
+    ("adore.inference", ["--doc_embeddings", "e2"], {"dmemmap_path": "e2"}),
     ("preprocess", ["--max_seq_length", "2", "--max_query_length", "2", "--data_type", "0"],
      {"max_seq_length": 2, "max_query_length": 2, "data_type": 0}),
     ("msmarco_eval", ["--rel_threshold", "-1", "--max_rank", "1"], {"rel_threshold": -1, "max_rank": 1}),
@@ -151,6 +154,7 @@ ISSUE_EXAMPLES = {
 
 
 @pytest.mark.parametrize("case", list(ISSUE_EXAMPLES))
+@pytest.mark.slow
 def test_issue_examples_fail_at_once_and_touch_nothing(tmp_path, case):
     """The issue's examples through the real CLIs: exit 2, one usage error line, no traceback; the inputs and an
     existing output are left byte-identical and nothing is added."""

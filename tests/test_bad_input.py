@@ -47,6 +47,7 @@ def preprocess_args(bert_dir, data, out, *extra):
 
 
 @pytest.mark.parametrize("case", list(PREPROCESS_CASES))
+@pytest.mark.slow
 def test_preprocess_bad_input(tmp_path, bert_dir, case):
     edit, *needles = PREPROCESS_CASES[case]
     files = dict(TINY)
@@ -65,6 +66,7 @@ def test_preprocess_wrong_data_type_is_a_usage_error(tmp_path, bert_dir):
                      "--data_type")
 
 
+@pytest.mark.slow
 def test_preprocess_existing_output_is_refused_and_kept(tmp_path, bert_dir):
     data = write_files(tmp_path / "dataset", TINY)
     out = tmp_path / "out"
@@ -94,6 +96,7 @@ def test_preprocess_full_disk_leaves_no_partial_output(tmp_path, bert_dir):
 
 
 @pytest.mark.parametrize("variant", ["bom", "crlf"])
+@pytest.mark.slow
 def test_preprocess_accepts_bom_and_crlf(tmp_path, bert_dir, variant):
     """A UTF-8 BOM and CRLF line ends are accepted and give exactly the outputs of the clean files."""
     clean = {k: v.replace(b"\r\n", b"\n") for k, v in TINY.items()}
@@ -230,6 +233,7 @@ print("SAFE-RUN-OK")
 """
 
 
+@pytest.mark.slow
 def test_full_tiny_run_never_unpickles(tmp_path, bert_dir):
     """preprocess → star inference → msmarco_eval → cvt_back with pickle.load/loads and any torch.load that is
     not weights_only=True made to fail: the project reads no pickle by default (the compat *.pickle files that
@@ -324,6 +328,7 @@ BAD_EMBEDDING_RUNS = [pytest.param(adore_inference_args, case, id=f"inference-{c
 
 
 @pytest.mark.parametrize("make_args, case", BAD_EMBEDDING_RUNS)
+@pytest.mark.slow
 def test_adore_bad_embeddings(tmp_path, adore_inputs, make_args, case):
     make, extra = EMBEDDING_CASES[case]
     docs, needles = make(tmp_path)
@@ -338,6 +343,7 @@ def test_adore_bad_embeddings(tmp_path, adore_inputs, make_args, case):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_adore_inference_missing_model_dir_and_embeddings(tmp_path, adore_inputs):
     out = tmp_path / "out"
     missing_model = tmp_path / "no_such_model"
@@ -348,6 +354,7 @@ def test_adore_inference_missing_model_dir_and_embeddings(tmp_path, adore_inputs
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_adore_inference_existing_output_refused_and_kept(tmp_path, adore_inputs):
     out = tmp_path / "out"
     result = run_cli(adore_inference_args(adore_inputs, out, adore_inputs["docs"]))

@@ -101,6 +101,7 @@ def test_msmarco_eval_reads_beir_qrels(tmp_path):
 
 # -- CACM end to end ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cacm_end_to_end(tmp_path, shared_dir, one_thread):
     cacm, tokenizer_dir = shared_dir / "data" / "cacm", shared_dir / "data" / "roberta-base-tokenizer"
     splits = write_cacm_layouts(cacm, tmp_path / "beir", tmp_path / "msmarco")

@@ -9,6 +9,8 @@ import pytest
 from helpers import reference_metrics, run, write_cacm_layouts
 from preprocess import DOC_FIELD_SEP
 
+pytestmark = pytest.mark.slow  # every test here shares an expensive module fixture
+
 DOC_LEN, QUERY_LEN, TOPK = 128, 32, 100
 LENGTHS = ["--max_doc_length", DOC_LEN, "--max_query_length", QUERY_LEN]
 

@@ -12,6 +12,7 @@ def encoder_inputs(tmp_path_factory):
     return make_encoder_inputs(tmp_path_factory.mktemp("det"))
 
 
+@pytest.mark.slow
 def test_preprocess_is_deterministic(tmp_path, bert_dir):
     data = write_files(tmp_path / "dataset", TINY)
     outs = [tmp_path / "a", tmp_path / "b"]
@@ -23,6 +24,7 @@ def test_preprocess_is_deterministic(tmp_path, bert_dir):
 
 
 @pytest.mark.parametrize("stage", [star_inference_args, hardneg_args], ids=["star_inference", "prepare_hardneg"])
+@pytest.mark.slow
 def test_encoding_and_mining_are_deterministic(tmp_path, encoder_inputs, stage):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
@@ -31,6 +33,7 @@ def test_encoding_and_mining_are_deterministic(tmp_path, encoder_inputs, stage):
     assert "passages.memmap" in first and first == tree_hash(outs[1])
 
 
+@pytest.mark.slow
 def test_star_training_parameters_are_deterministic(tmp_path):
     data = make_star_data(tmp_path / "data")
     outs = [tmp_path / "a", tmp_path / "b"]

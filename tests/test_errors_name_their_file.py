@@ -42,6 +42,7 @@ def test_adore_train_names_an_empty_qrels_file(tmp_path):
     assert info.value.path == qrels
 
 
+@pytest.mark.slow
 def test_empty_qrels_through_the_cli_is_one_error_line_naming_the_file(star_data, tmp_path):
     qrels = empty_qrels(star_data["pre"])
     args = star_cli_args(star_data, tmp_path / "out", "inbatch", "--max_steps", "1")

@@ -161,6 +161,7 @@ def reference_runs():
 
 
 @pytest.mark.parametrize("seed", SEEDS[:1])
+@pytest.mark.slow
 def test_preprocess_killed_and_rerun_gives_identical_files(tmp_path, preprocess_data, reference_runs, seed):
     data, tokenizer = preprocess_data
 
@@ -179,6 +180,7 @@ def encoder_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", SEEDS[:1])
+@pytest.mark.slow
 def test_star_inference_killed_and_resumed_gives_identical_files(tmp_path, encoder_inputs, reference_runs, seed):
     def star_inference(out):
         return star_inference_args(encoder_inputs, out)
@@ -187,6 +189,7 @@ def test_star_inference_killed_and_resumed_gives_identical_files(tmp_path, encod
 
 
 @pytest.mark.parametrize("seed", SEEDS[1:])
+@pytest.mark.slow
 def test_prepare_hardneg_killed_and_resumed_gives_identical_files(tmp_path, encoder_inputs, reference_runs, seed):
     def prepare_hardneg(out):
         return hardneg_args(encoder_inputs, out)
@@ -238,6 +241,7 @@ def assert_complete_or_absent(out: Path, reference: Path) -> None:
             assert folder.name == "log" or re.search(r"\.(tmp|old)-\d+$", folder.name), folder.name
 
 
+@pytest.mark.slow
 def test_star_train_killed_and_resumed_equals_uninterrupted(tmp_path):
     """CPU, fixed seed, dropout on, a checkpoint every step: kill a --resume run, rerun the same command, same final
     parameters."""
@@ -282,6 +286,7 @@ def adore_reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", SEEDS[:1])
+@pytest.mark.slow
 def test_adore_train_killed_and_resumed_equals_uninterrupted(tmp_path, adore_reference, seed):
     """Kill ADORE training mid-run, rerun the same command with --resume: every checkpoint-<k> and epoch-<k>
     folder equals the uninterrupted run's (parameters, optimizer, scheduler and RNG state), and the killed
@@ -316,6 +321,7 @@ run_cli(adore_train.main, sys.argv[2:])
 
 
 @pytest.mark.parametrize("folder", ["checkpoint-6", "epoch-2"])
+@pytest.mark.slow
 def test_adore_train_killed_at_an_epoch_end_save(tmp_path, adore_reference, folder):
     """SIGKILL exactly at the end of epoch 2 (step 6), inside the save of checkpoint-6 or of epoch-2, right after
     the model weights are written (whichever order the trainer writes the two in, one case falls between them):

@@ -20,6 +20,7 @@ def run_suite(*args: str, timeout: int = SMOKE_TIMEOUT) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_with_positive_rates_and_parsable_rank_files(tmp_path, shared_dir):
     out = tmp_path / "out"
     done = run_suite("--smoke", "--out", str(out), "--shared", str(shared_dir))

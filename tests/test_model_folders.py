@@ -143,6 +143,7 @@ def test_sentence_transformers_embeddings_equal_ours(tmp_path, bert_dir, variant
     assert (theirs - ours).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_export_refuses_a_model_without_tokenizer_and_explains_its_flags(tmp_path, bert_dir):
     tiny_bert_model(tmp_path / "model", bert_dir, "first", True, False)
     for name in TOKENIZER_FILES:

@@ -34,6 +34,7 @@ def _checkpoints(folder: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_every_stage_ran_with_a_banner_and_wall_time(pipeline):
     out = pipeline["stdout"]
     for stage in ("sample", "preprocess", "warmup", "inbatch", "rand", "mine", "star", "encode-warmup",
@@ -44,6 +45,7 @@ def test_every_stage_ran_with_a_banner_and_wall_time(pipeline):
     assert "all stages done in" in out
 
 
+@pytest.mark.slow
 def test_models_checkpoints_and_hard_negatives(pipeline):
     root = pipeline["root"]
     for folder in (root / "warmup", *(root / "train" / m for m in TRAINERS)):
@@ -60,6 +62,7 @@ def test_models_checkpoints_and_hard_negatives(pipeline):
     assert all(not set(row) & set(rel[q]) and len(set(row)) == 5 for q, row in zip(qoffsets.tolist(), negs.tolist()))
 
 
+@pytest.mark.slow
 def test_rank_files_and_embeddings(pipeline):
     root = pipeline["root"]
     n_docs = json.loads((root / "preprocess" / "passages_meta").read_text())["total_number"]
@@ -76,6 +79,7 @@ def test_rank_files_and_embeddings(pipeline):
         assert embeddings.size == n_docs * 64 and np.isfinite(embeddings).all()
 
 
+@pytest.mark.slow
 def test_results_table_json_curves_and_plot(pipeline):
     results = pipeline["root"] / "results"
     table = (results / "results.md").read_text()
@@ -107,6 +111,7 @@ def test_results_table_json_curves_and_plot(pipeline):
         assert (results / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_star_keeps_the_100_epoch_schedule_and_stops_at_steps(pipeline):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -118,6 +123,7 @@ def test_star_keeps_the_100_epoch_schedule_and_stops_at_steps(pipeline):
     assert args["stop_after_steps"] == 4 and args["num_train_epochs"] == 100
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(pipeline, repo_dir):
     again = subprocess.run(["bash", "reproduce.sh", "sample"], cwd=repo_dir, env=pipeline["env"],
                            capture_output=True, text=True, timeout=300)

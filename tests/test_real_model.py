@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here shares an expensive module fixture
+
 MAX_DOC_LENGTH, MAX_QUERY_LENGTH = 256, 32
 TOPK = 100
 REL_THRESHOLD = 2  # TREC DL: MRR and recall count grade >= 2 as relevant; nDCG uses the grades 0-3 as gains

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infra import exact_search as search_module
-from infra.corpus_encoding import encode_to_memmap
+from infra.corpus_encoding import EncodingSettings, encode_to_memmap
 from infra.embedding_memmap import manifest_path, open_embeddings
 from infra.exact_search import (FlatIPIndex, exact_search, faiss_gpu_count, memory_budget_bytes, resolve_faiss_gpus,
                                 streamed_search, write_rank_file)
@@ -244,10 +244,9 @@ def corpus(tmp_path):
     return seqs, SequenceDataset(TokenIdsCache(tmp_path / "pre", "passages"), 14)
 
 
-def encode(model, dataset, path, **kw):
-    kw.setdefault("block_rows", 6)
-    return encode_to_memmap(model, dataset, path, batch_size=3, device="cpu", pad_token_id=1,
-                               model_id=kw.pop("model_id", "model-A"), **kw)
+def encode(model, dataset, path, model_id="model-A", block_rows=6, amp=None, batch_tokens=None, **kw):
+    settings = EncodingSettings(3, "cpu", 1, amp=amp, batch_tokens=batch_tokens, block_rows=block_rows)
+    return encode_to_memmap(model, dataset, path, model_id, settings, **kw)
 
 
 def test_encode_equals_per_sequence_model_and_pads_only_to_batch_max(tmp_path, corpus):

@@ -71,6 +71,7 @@ def _trec_qrels(path: Path, prefix: str) -> dict[int, dict[int, int]]:
 
 
 # --- determinism and CLI -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_same_seed_is_byte_identical_across_processes(sample, tmp_path):
     _cli(tmp_path / "again", "--seed", "13")
     first, second = _all_bytes(sample), _all_bytes(tmp_path / "again")
@@ -79,6 +80,7 @@ def test_same_seed_is_byte_identical_across_processes(sample, tmp_path):
     assert [name for name in first if first[name] != second[name]] == []
 
 
+@pytest.mark.slow
 def test_other_seed_gives_other_data(sample, tmp_path):
     _cli(tmp_path / "other", "--seed", "14", "--no_model")
     other = tmp_path / "other"

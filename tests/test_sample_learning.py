@@ -10,6 +10,8 @@ import sample_data
 from helpers import run
 from msmarco_eval import evaluate_files
 
+pytestmark = pytest.mark.slow  # every test here shares an expensive module fixture
+
 LENGTHS = ["--max_query_length", "24", "--max_doc_length", "64"]  # the sample's passages fit in 64 tokens
 
 

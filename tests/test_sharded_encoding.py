@@ -54,10 +54,9 @@ def corpus(tmp_path):
     return seqs, SequenceDataset(TokenIdsCache(tmp_path / "pre", "passages"), 14)
 
 
-def encode(dataset, path, model=None, **kw):
-    kw.setdefault("block_rows", 4)
-    return ce.encode_to_memmap(model or tiny_encoder(0), dataset, path, batch_size=3, device="cpu", pad_token_id=1,
-                               model_id="model-A", **kw)
+def encode(dataset, path, model=None, block_rows=4, batch_tokens=None, **kw):
+    settings = ce.EncodingSettings(3, "cpu", 1, batch_tokens=batch_tokens, block_rows=block_rows)
+    return ce.encode_to_memmap(model or tiny_encoder(0), dataset, path, "model-A", settings, **kw)
 
 
 @pytest.mark.parametrize("batch_tokens", [None, 40])
@@ -177,8 +176,7 @@ def test_search_on_a_cuda_device_without_faiss_gpus_uses_the_torch_index(monkeyp
 def test_a_stale_whole_file_is_refused_by_the_shards_unless_overwrite(tmp_path, corpus):
     _, dataset = corpus
     out = tmp_path / "e.memmap"
-    ce.encode_to_memmap(tiny_encoder(1), dataset, out, batch_size=3, device="cpu", pad_token_id=1,
-                        model_id="model-B")
+    ce.encode_to_memmap(tiny_encoder(1), dataset, out, "model-B", ce.EncodingSettings(3, "cpu", 1))
     before = out.read_bytes()
     with pytest.raises(InputError, match="model_id='model-B', this run has model_id='model-A'"):
         encode(dataset, out, shard=(0, 2))

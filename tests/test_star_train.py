@@ -275,6 +275,7 @@ def _ddp_worker(rank: int, world: int, port: int, d: dict, queue) -> None:
     end_spawned_worker(queue)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_on_the_global_batch(data_no_dropout):
     d = data_no_dropout
     ctx = mp.get_context("spawn")
@@ -301,6 +302,7 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(data_no_dropout
                                        msg=f"{mode} {name}")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_like_one_process(data_no_dropout, tmp_path):
     """End to end (the script run as a file by torchrun): 2 ranks x batch 2 and one process with batch 4 reach
     the same weights after 4 steps (12 queries: one epoch of 3 steps, then the first step of the next)."""

@@ -47,17 +47,20 @@ def one_process(inputs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.slow
 def test_star_inference_under_torchrun_writes_the_files_of_one_process(inputs, one_process, tmp_path, nproc):
     err = run_torchrun(nproc, star_inference_args(inputs, tmp_path / "star"))
     assert tree_hash(tmp_path / "star") == tree_hash(one_process / "star")  # memmaps, manifests, rank file
     assert f"torchrun rank 0 of {nproc}" in err and "assembled from" in err
 
 
+@pytest.mark.slow
 def test_prepare_hardneg_under_torchrun_mines_the_negatives_of_one_process(inputs, one_process, tmp_path):
     run_torchrun(3, hardneg_args(inputs, tmp_path / "hardneg"))
     assert tree_hash(tmp_path / "hardneg") == tree_hash(one_process / "hardneg")
 
 
+@pytest.mark.slow
 def test_adore_inference_under_torchrun_ranks_like_one_process(inputs, one_process, tmp_path):
     docs = one_process / "star" / "passages.memmap"
     args = ["-m", "adore.inference", "--model_dir", inputs["model"], "--preprocess_dir", inputs["pre"], "--mode",
@@ -68,6 +71,7 @@ def test_adore_inference_under_torchrun_ranks_like_one_process(inputs, one_proce
     assert tree_hash(tmp_path / "two") == tree_hash(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_shard_jobs_then_a_final_run_write_the_files_of_one_process(inputs, one_process, tmp_path):
     out = tmp_path / "star"
     for shard in (1, 0):
@@ -102,6 +106,7 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_encoding_resumes_its_share_and_the_job_ends_identical(tmp_path):
     """12,000 passages in blocks of 4,096 rows: rank 1 is killed once its shard has a finished block and no more,
     torchrun stops the job; the restarted job resumes each shard and ends with one process's bytes."""
@@ -134,6 +139,7 @@ TORCHRUN_RANK_1 = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="12
     (["--shard_id", 2, "--num_shards", 2], {}, "--shard_id must be below --num_shards 2"),
     (["--shard_id", 0, "--num_shards", 2], TORCHRUN_RANK_1, "under torchrun the ranks are the shards"),
 ])
+@pytest.mark.slow
 def test_inconsistent_sharding_flags_are_refused(inputs, tmp_path, extra, env, needle):
     assert_one_error(run_cli([*star_inference_args(inputs, tmp_path / "out"), *extra], env=env), needle)
     assert not (tmp_path / "out").exists()

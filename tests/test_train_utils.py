@@ -608,6 +608,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     end_spawned_worker(queue)
 
 
+@pytest.mark.slow
 def test_all_gather_with_grad_two_processes_unequal_sizes():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
