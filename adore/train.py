@@ -76,6 +76,8 @@ from infra.distributed import DistInfo, all_reduce_sum, cleanup_distributed, get
 from infra.optim import build_optimizer, fp32_context, linear_schedule, make_grad_scaler, optimizer_step, param_groups
 from infra.training_loop import (EpochData, HelpFormatter, StepDriver, TrainerFlags, TrainingRun, add_training_args,
                                  cap_training_args, resume_settings, run_steps)
+from infra.model_folder import length_or_folder_default
+from infra.preprocess_meta import check_model_matches
 from model import load_init_model
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
 from infra.exact_search import shard_rows
@@ -88,6 +90,7 @@ logger = logging.getLogger("adore.train")
 APPEND_MODES = ("none_retrieved", "always")
 DATA_TYPES = ("passage", "doc")
 PASSAGE_METRIC_CUT = 200  # README passage command
+QUERY_LENGTH = 64         # the original's query truncation, for an init folder that declares no length
 EPOCH_PREFIX = "epoch-"
 TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
 # settings that decide the data order and the loss: a resume with other values is not exact
@@ -152,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frozen document embeddings: float32 memmap [N, dim] from star/inference.py")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
                       help="only sets the --metric_cut default (passage: 200; doc: none, must be given)")
-    data.add_argument("--max_seq_length", type=ct.positive_int, default=64, help="query truncation in tokens")
+    data.add_argument("--max_seq_length", type=ct.positive_int, default=None,
+                      help=f"query truncation in tokens (default: a sentence-transformers init folder's "
+                           f"max_seq_length, else {QUERY_LENGTH})")
     data.add_argument("--allow_pickle", action="store_true",
                       help="allow a legacy pytorch_model.bin that needs full unpickling (trusted files only)")
     data.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
@@ -276,14 +281,18 @@ def placement(args: argparse.Namespace) -> DistInfo:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Check the arguments (each flag's range is checked while parsing) and fill in the resolved ``metric_cut`` and
-    ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
+    """Check the arguments (each flag's range is checked while parsing) and the init folder against the
+    preprocessing (:func:`infra.preprocess_meta.check_model_matches`), and fill in the resolved ``metric_cut``,
+    ``max_seq_length`` and ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
     (:func:`infra.training_loop.cap_training_args`); under torchrun refuse what cannot be right there
     (:func:`check_torchrun_args`).  Raises :class:`InputError`."""
     check_torchrun_args(args, env_int("WORLD_SIZE", 1))
     if args.model_gpu_index is None and env_int("WORLD_SIZE", 1) <= 1:
         args.model_gpu_index = 0
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
+    check_model_matches(args.preprocess_dir, args.init_path, sides=("query",))
+    args.max_seq_length = length_or_folder_default(args.max_seq_length, args.init_path, QUERY_LENGTH,
+                                                   "--max_seq_length")
     cap_training_args(args, {"max_seq_length": TokenIdsCache(args.preprocess_dir, "train-query")})
     args.faiss_omp_num_threads = ct.at_most_cpus(args.faiss_omp_num_threads, "--faiss_omp_num_threads")
     if args.log_dir is None:
