@@ -82,7 +82,7 @@ from infra import beir_input
 from infra import cli_types as ct
 from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
-from infra.model_folder import length_or_folder_default, read_folder_settings
+from infra.model_folder import length_or_folder_default, load_local_tokenizer, read_folder_settings
 from infra.preprocess_meta import META_NAME, Prefixes, meta_record
 
 log = logging.getLogger("preprocess")
@@ -128,13 +128,7 @@ def load_tokenizer(path: PathLike) -> Any:
         raise InputError("tokenizer folder not found: pass --model_name_or_path a local folder holding the "
                          "tokenizer files (e.g. roberta-base's vocab.json and merges.txt); nothing is downloaded",
                          path=folder)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"cannot load a tokenizer from this folder: {first_line}", path=folder) from None
+    tokenizer = load_local_tokenizer(folder, "a tokenizer from this folder")
     if not getattr(tokenizer, "is_fast", False):
         raise InputError("the tokenizer is not a fast (Rust) tokenizer", path=folder)
     return tokenizer

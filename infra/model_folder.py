@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from infra.io import InputError, PathLike, read_json
 
@@ -129,6 +129,18 @@ def read_folder_settings(path: PathLike) -> FolderSettings:
         declares_prompts=True,
         pooling=_st_pooling(root / pooling_dirs[0] / "config.json") if pooling_dirs else None,
         normalize=any(t.endswith("Normalize") for t in types))
+
+
+def load_local_tokenizer(folder: Path, what: str) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local folder (nothing is downloaded); a folder it cannot read raises
+    :class:`InputError` "cannot load ``what``: <the first line of the reason>"."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"cannot load {what}: {first_line}", path=folder) from None
 
 
 def length_or_folder_default(given: Optional[int], folder: Optional[PathLike], fallback: int, flag: str) -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 from infra.io import InputError, PathLike, read_json
-from infra.model_folder import ST_CONFIG, VOCABULARY_FILES, read_folder_settings
+from infra.model_folder import ST_CONFIG, VOCABULARY_FILES, load_local_tokenizer, read_folder_settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,7 @@ def model_vocab_fingerprint(model_dir: PathLike) -> Optional[str]:
     folder = Path(model_dir)
     if not any((folder / name).is_file() for name in VOCABULARY_FILES):
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"cannot load the model folder's tokenizer: {first_line}", path=folder) from None
+    tokenizer = load_local_tokenizer(folder, "the model folder's tokenizer")
     if not getattr(tokenizer, "is_fast", False):
         return None
     return vocab_fingerprint(tokenizer.backend_tokenizer)[0]
