@@ -209,7 +209,8 @@ def test_another_vocabulary_is_warned_and_a_copy_in_other_files_is_not(tmp_path,
     assert warning.startswith(str(pre / META_NAME)) and str(other) in warning and "vocabulary differs" in warning
 
 
-def test_star_inference_encodes_at_the_folders_length(tmp_path, folders):
+def test_inference_encodes_at_the_folders_length(tmp_path, folders):
+    from adore import inference as adore_inference
     from star import inference
 
     pre = run_preprocess(folders, tmp_path / "pre", "st", False, "--max_seq_length", "12")
@@ -224,3 +225,21 @@ def test_star_inference_encodes_at_the_folders_length(tmp_path, folders):
         expected = torch.cat([model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in ids])
     got = np.memmap(out / "passages.memmap", np.float32, "r").reshape(len(ids), -1)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+    adore_inference.main(["--model_dir", str(folders["st"]), "--preprocess_dir", str(pre), "--mode", "train",
+                          "--dmemmap_path", str(out / "passages.memmap"), "--output_dir", str(tmp_path / "adore"),
+                          "--no_cuda", "--topk", "2"])
+    manifest = json.loads((tmp_path / "adore" / "train.qembed.memmap.manifest.json").read_text())
+    assert manifest["max_length"] == ST_LENGTH
+
+
+@pytest.mark.parametrize("init, expected", [("st", ST_LENGTH), ("plain", 64)])
+def test_adore_train_query_length_defaults_to_the_init_folders(tmp_path, folders, init, expected):
+    from adore import train as adore_train
+
+    pre = run_preprocess(folders, tmp_path / "pre", "st", False, "--max_query_length", "100")
+    args = adore_train.build_parser().parse_args([
+        "--init_path", str(folders[init]), "--preprocess_dir", str(pre), "--pembed_path", str(tmp_path / "none"),
+        "--model_save_dir", str(tmp_path / "out"), "--metric_cut", "5", "--no_cuda"])
+    adore_train.validate_args(args)
+    assert args.max_seq_length == expected
