@@ -35,6 +35,7 @@ from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, AutoModel, P
 
 from infra.checkpoint_paths import SAFETENSORS_NAME
 from infra.io import InputError, PathLike, atomic_output, atomic_write_text, read_json, require_file
+from infra.model_folder import VOCABULARY_FILES, FolderSettings, read_folder_settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ HEAD_LAYER_NORM_EPS = 1e-5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
-_VOCABULARY_FILES = {"tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
-                     "tokenizer.model"}
 
 
 class DenseEncoder(torch.nn.Module):
@@ -112,8 +111,8 @@ class DenseEncoder(torch.nn.Module):
         has_head = any(k.startswith("embeddingHead.") for k in state)
         undecided = any(arg is None and getattr(config, key, None) is None
                         for arg, key in ((pooling, "dr_pooling"), (normalize, "dr_normalize")))
-        st_pooling, st_normalize = (_sentence_transformers_settings(folder) if undecided and not has_head
-                                    else (None, False))
+        declared = read_folder_settings(folder) if undecided and not has_head else FolderSettings()
+        st_pooling, st_normalize = declared.pooling, declared.normalize
         fresh_head = head is True and not has_head
         head = _resolve(head, config, "dr_head", has_head)
         pooling = _resolve(pooling, config, "dr_pooling", "first" if has_head else (st_pooling or "first"))
@@ -226,7 +225,7 @@ def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
     """The tokenizer files (:data:`TOKENIZER_FILES`) in ``folder``, name -> bytes; empty when it holds no
     vocabulary file (``tokenizer.json``, ``vocab.json``, ``vocab.txt`` or a sentencepiece model)."""
     present = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
-    if not _VOCABULARY_FILES & set(present):
+    if not set(VOCABULARY_FILES) & set(present):
         return {}
     return {name: path.read_bytes() for name, path in present.items()}
 
@@ -296,42 +295,6 @@ def _load_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, tor
     if len(state) < len(obj):
         logger.warning("%s: ignoring %d entries that are not tensors", bin_path, len(obj) - len(state))
     return bin_path, state
-
-
-def _sentence_transformers_settings(folder: Path) -> tuple[Optional[str], bool]:
-    """``(pooling, normalize)`` declared by a sentence-transformers layout, or ``(None, False)``.
-
-    Looks for ``modules.json`` in the folder (modules relative to it) or in its parent when the parent lists
-    this folder as a module (the older ``0_Transformer/`` layout); without ``modules.json`` a bare
-    ``1_Pooling/config.json`` in the folder is used.  Pooling modes other than mean / CLS raise InputError.
-    """
-    for root in (folder, folder.parent):
-        modules_path = root / "modules.json"
-        if not modules_path.is_file():
-            continue
-        modules = read_json(modules_path, "modules.json", expect=list)
-        if not all(isinstance(m, dict) for m in modules):
-            raise InputError("modules.json is not a list of module objects", path=modules_path)
-        paths = [str(m.get("path", "")) for m in modules]
-        types = [str(m.get("type", "")) for m in modules]
-        if root != folder and folder.name not in paths:
-            continue
-        normalize = any(t.endswith("Normalize") for t in types)
-        pooling_dirs = [p for p, t in zip(paths, types) if t.endswith("Pooling")]
-        return (_st_pooling(root / pooling_dirs[0] / "config.json") if pooling_dirs else None), normalize
-    pooling_config = folder / "1_Pooling" / "config.json"
-    return (_st_pooling(pooling_config) if pooling_config.is_file() else None), False
-
-
-def _st_pooling(path: Path) -> str:
-    """Map a sentence-transformers Pooling config onto "mean" / "first"."""
-    cfg = read_json(path, "pooling config listed in modules.json")
-    modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True)
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "first"
-    raise InputError("unsupported sentence-transformers pooling (only mean or CLS)", path=path, value=modes)
 
 
 def model_identity(path: PathLike, model: Optional[DenseEncoder] = None) -> str:

@@ -8,6 +8,7 @@ The tokenizer must be a local folder (nothing is downloaded).  Every output is w
 renamed into place only when the whole run succeeded.  The input and output files: :func:`preprocess` (the BEIR
 layout: :mod:`infra.beir_input`); the tokenization, id for id that of transformers 2.8.0:
 :class:`Faithful28Tokenizer`.
+A sentence-transformers folder sets the default lengths and prompts (:mod:`infra.model_folder`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from infra import beir_input
 from infra import cli_types as ct
 from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
+from infra.model_folder import length_or_folder_default, load_local_tokenizer, read_folder_settings
+from infra.preprocess_meta import META_NAME, Prefixes, meta_record
 
 log = logging.getLogger("preprocess")
 
@@ -59,6 +62,7 @@ SPLITS = {
 SPLIT_NAMES = tuple(dict.fromkeys(name for splits in SPLITS.values() for name in splits))  # the drivers' --mode
 DOC_FIELD_SEP = "<sep>"  # a literal string, tokenized like any text (not a special token)
 BATCH_SIZE = 2048
+MAX_SEQ_LENGTH, MAX_QUERY_LENGTH = 512, 64  # the original's defaults, for a folder that declares no length
 CHARS_PER_TOKEN = 12  # prefix shortcut: tokenize ~this many characters per needed token first
 
 T = TypeVar("T")
@@ -76,13 +80,7 @@ def load_tokenizer(path: PathLike) -> Any:
         raise InputError("tokenizer folder not found: pass --model_name_or_path a local folder holding the "
                          "tokenizer files (e.g. roberta-base's vocab.json and merges.txt); nothing is downloaded",
                          path=folder)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"cannot load a tokenizer from this folder: {first_line}", path=folder) from None
+    tokenizer = load_local_tokenizer(folder, "a tokenizer from this folder")
     if not getattr(tokenizer, "is_fast", False):
         raise InputError("the tokenizer is not a fast (Rust) tokenizer", path=folder)
     return tokenizer
@@ -147,6 +145,7 @@ class Faithful28Tokenizer:
         import tokenizers
 
         self.cls_id, self.sep_id = _boundary_ids(tokenizer)
+        self.name_or_path: str = getattr(tokenizer, "name_or_path", "") or ""
         self._backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._backend.no_padding()
         self._backend.no_truncation()
@@ -514,7 +513,7 @@ def _corpus_texts(path: Path, data_type: int, max_chars: int, ids: np.ndarray) -
 def output_names(splits: Iterable[tuple[str, bool]], pickles: bool = True) -> list[str]:
     """Every output file name of a run over ``(split name, has qrels)`` pairs (the id pickles unless not
     ``pickles``)."""
-    names = ["passages.memmap", "passages_length.npy", "passages_meta", "passages_ids.npy"]
+    names = [META_NAME, "passages.memmap", "passages_length.npy", "passages_meta", "passages_ids.npy"]
     names += ["pid2offset.pickle"] if pickles else []
     for name, has_qrels in splits:
         names += [f"{name}-query.memmap", f"{name}-query_length.npy", f"{name}-query_meta", f"{name}-query_ids.npy"]
@@ -544,13 +543,15 @@ def rust_threads(threads: Optional[int]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer: Any, max_seq_length: int = 512,
-               max_query_length: int = 64, max_doc_character: int = 10000, overwrite: bool = False,
-               batch_size: int = BATCH_SIZE, threads: Optional[int] = None,
-               input_format: str = "msmarco") -> dict[str, int]:
+def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer: Any,
+               max_seq_length: int = MAX_SEQ_LENGTH, max_query_length: int = MAX_QUERY_LENGTH,
+               max_doc_character: int = 10000, overwrite: bool = False, batch_size: int = BATCH_SIZE,
+               threads: Optional[int] = None, input_format: str = "msmarco",
+               prefixes: Prefixes = Prefixes()) -> dict[str, int]:
     """Preprocess one MS MARCO task (``data_type`` 0 = doc, 1 = passage), or with ``input_format="beir"`` a
     collection in the BEIR layout (:mod:`beir_input`); returns the row count per output (``"passages"`` and each
-    split).  Everything is validated before the collection is tokenized.
+    split).  ``prefixes`` are prepended to every query / document text (after the ``max_doc_character`` cut)
+    before tokenisation.  Everything is validated before the collection is tokenized.
 
     Inputs (``--data_dir``, default ``./data/{doc|passage}/dataset``), UTF-8, LF or CRLF line ends:
 
@@ -570,6 +571,16 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
       ("embedding_size" is the token width, the original's name).
     * ``passages_ids.npy`` — int64 ``[N]``: the official pid / docid (``D`` stripped) of each offset.
     * ``pid2offset.pickle`` — dict official id -> offset (pickle protocol 4), for compatibility only.
+    * ``preprocess_meta.json`` — how the texts became tokens (:mod:`infra.preprocess_meta`, which also holds the
+      check later stages make against their model folder)::
+
+          {"format_version": 1,
+           "tokenizer": {"name_or_path": "<--model_name_or_path>", "vocab_sha256": "<hex>", "vocab_size": N},
+           "query_prefix": "query: ", "doc_prefix": "passage: ", "prefix_given": {"query": false, "doc": false},
+           "max_seq_length": 256, "max_query_length": 256, "max_doc_character": 10000, "input_format": "beir"}
+
+      ``vocab_sha256``: SHA-256 of the sorted ``[token, id]`` pairs (added tokens included) in compact JSON;
+      ``prefix_given``: whether ``--query_prefix`` / ``--doc_prefix`` set the prefix (else the folder's prompts).
     * per split: ``{split}-query.memmap`` (int32 ``[Nq, max_query_length]``), ``{split}-query_length.npy``,
       ``{split}-query_meta``, ``{split}-query_ids.npy`` (official qids in offset order),
       ``{split}-qid2offset.pickle`` and, when the split has qrels, ``{split}-qrel.tsv`` with one line
@@ -583,9 +594,18 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
     * ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
       id}``, loadable with ``allow_pickle=False``; :func:`infra.run_file.load_id_map` reads both kinds): the
       ``_id`` of each offset.  ``cvt_back.py`` writes these ids back.
+
+    A sentence-transformers folder as ``--model_name_or_path`` (:mod:`infra.model_folder`) is used as its authors
+    use it: ``--max_seq_length`` and ``--max_query_length`` default to its ``max_seq_length``, and its prompts (E5's
+    ``query: `` / ``passage: ``, BGE's query instruction) are prepended to every query / document text before
+    tokenisation (``--query_prefix`` / ``--doc_prefix`` replace them; ``""`` disables).  A tokenizer folder with
+    neither (roberta-base) keeps 512 / 64 and no prefix: the original's tokens, byte for byte.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     faithful = tokenizer if isinstance(tokenizer, Faithful28Tokenizer) else Faithful28Tokenizer(tokenizer)
+    meta = meta_record(faithful.name_or_path, faithful._backend, prefixes, max_seq_length, max_query_length,
+                       max_doc_character, input_format)
+    tokenize = TokenizeSpec(faithful, max_seq_length, max_query_length, prefixes, meta)
     if input_format == "beir":
         names = output_names(((name, True) for name, _ in beir_input.qrels_paths(data_dir)), pickles=False)
         for name in names:
@@ -593,8 +613,8 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
         ids = beir_input.scan_corpus(data_dir)
         plans = [SplitPlan(*split) for split in beir_input.read_splits(data_dir, ids)]
         texts = beir_input.corpus_texts(data_dir, ids, DOC_FIELD_SEP, max_doc_character)
-        return write_outputs(out_dir, faithful, ids, texts, data_dir / beir_input.CORPUS, plans, max_seq_length,
-                             max_query_length, batch_size, threads, "tokenize corpus")
+        return write_outputs(out_dir, tokenize, ids, texts, data_dir / beir_input.CORPUS, plans, batch_size, threads,
+                             "tokenize corpus")
     collection = require_file(data_dir / COLLECTION[data_type], "collection")
     splits = []
     for name, (query_file, qrels_file) in SPLITS[data_type].items():
@@ -610,27 +630,42 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
     index = IdIndex(ids)
     plans = [plan_split(name, q, r, data_type, index) for name, q, r in splits]
     texts = _corpus_texts(collection, data_type, max_doc_character, ids)
-    return write_outputs(out_dir, faithful, ids, texts, collection, plans, max_seq_length, max_query_length,
-                         batch_size, threads, f"tokenize {KIND[data_type]}s")
+    return write_outputs(out_dir, tokenize, ids, texts, collection, plans, batch_size, threads,
+                         f"tokenize {KIND[data_type]}s")
 
 
-def write_outputs(out_dir: Path, faithful: Faithful28Tokenizer, ids: np.ndarray, texts: Iterable[str],
-                  source: Path, plans: Sequence[SplitPlan], max_seq_length: int, max_query_length: int,
-                  batch_size: int, threads: Optional[int], desc: str) -> dict[str, int]:
+class TokenizeSpec(NamedTuple):
+    """How a run turns texts into token rows: the tokenizer, the row widths, the prefixes, the meta record."""
+    faithful: Faithful28Tokenizer
+    max_seq_length: int
+    max_query_length: int
+    prefixes: Prefixes
+    meta: dict[str, Any]
+
+
+def _prefixed(prefix: str, texts: Iterable[str]) -> Iterable[str]:
+    """``prefix + text`` for every text (the texts themselves without a prefix)."""
+    return texts if not prefix else (prefix + text for text in texts)
+
+
+def write_outputs(out_dir: Path, tokenize: TokenizeSpec, ids: np.ndarray, texts: Iterable[str], source: Path,
+                  plans: Sequence[SplitPlan], batch_size: int, threads: Optional[int], desc: str) -> dict[str, int]:
     """Tokenize the corpus ``texts`` (streamed from ``source``) and each split, write every output; returns the
     row counts.  Integer ``ids`` also get the id pickles; string ids (a unicode array) get unicode id maps only."""
     string = ids.dtype.kind == "U"
     counts = {"passages": len(ids)}
+    faithful = tokenize.faithful
     with rust_threads(threads), OutputStage(out_dir) as stage:
-        write_token_matrix(stage, "passages", texts, len(ids), max_seq_length, faithful, batch_size, desc,
-                           source=source)
+        stage.text(META_NAME, json.dumps(tokenize.meta, indent=2, ensure_ascii=False) + "\n")
+        write_token_matrix(stage, "passages", _prefixed(tokenize.prefixes.doc, texts), len(ids),
+                           tokenize.max_seq_length, faithful, batch_size, desc, source=source)
         stage.npy("passages_ids.npy", ids)
         if not string:
             stage.id_pickle("pid2offset.pickle", ids)
         for plan in plans:
             prefix = f"{plan.name}-query"
-            write_token_matrix(stage, prefix, plan.texts, len(plan.qids), max_query_length, faithful, batch_size,
-                               f"tokenize {plan.name}")
+            write_token_matrix(stage, prefix, _prefixed(tokenize.prefixes.query, plan.texts), len(plan.qids),
+                               tokenize.max_query_length, faithful, batch_size, f"tokenize {plan.name}")
             qids = beir_input.string_ids(plan.qids) if string else np.asarray(plan.qids, np.int64)
             stage.npy(f"{prefix}_ids.npy", qids)
             if not string:
@@ -662,13 +697,26 @@ def fit_model_length(tokenizer: Any, flag: str, length: int) -> int:
     return limit
 
 
+def resolve_prefixes(query_prefix: Optional[str], doc_prefix: Optional[str], folder: PathLike) -> Prefixes:
+    """The flags' prefixes where given, else the prompts of the tokenizer ``folder`` (logged when not empty)."""
+    settings = read_folder_settings(folder)
+    prefixes = Prefixes(settings.query_prompt if query_prefix is None else query_prefix,
+                        settings.doc_prompt if doc_prefix is None else doc_prefix,
+                        query_given=query_prefix is not None, doc_given=doc_prefix is not None)
+    for side, text in (("query", prefixes.query), ("document", prefixes.doc)):
+        if text:
+            log.info("every %s text starts with the prefix %r", side, text)
+    return prefixes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m preprocess",
         description="Tokenize the MS MARCO collection and queries once, with the transformers-2.8 RoBERTa "
                     "tokenization the STAR/ADORE checkpoints expect, into int32 memmaps.",
         epilog="Writes passages.memmap (int32 [N, max_seq_length], <s> ids </s> then 0-padding), "
-               "passages_length.npy, passages_meta, passages_ids.npy, pid2offset.pickle and, per split "
+               "passages_length.npy, passages_meta, passages_ids.npy, pid2offset.pickle, preprocess_meta.json "
+               "(tokenizer, prefixes, lengths) and, per split "
                "(train, dev, test = TREC DL 2019, test2020 = DL 2020, lead; skipped when its query file is absent), "
                "{split}-query.memmap, {split}-query_length.npy, {split}-query_meta, {split}-query_ids.npy, "
                "{split}-qid2offset.pickle and {split}-qrel.tsv (qoffset 0 poffset grade). Nothing is written unless "
@@ -681,11 +729,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name_or_path", default="roberta-base",
                    help="LOCAL tokenizer folder (e.g. roberta-base's vocab.json + merges.txt); nothing is "
                         "downloaded, so pass a folder path (default: a folder named 'roberta-base')")
-    p.add_argument("--max_seq_length", type=ct.token_length, default=512,
+    p.add_argument("--max_seq_length", type=ct.token_length, default=None,
                    help="stored tokens per passage/document, including <s> and </s>, at most the tokenizer's "
-                        "model_max_length (default 512)")
-    p.add_argument("--max_query_length", type=ct.token_length, default=64,
-                   help="stored tokens per query, at most the tokenizer's model_max_length (default 64)")
+                        f"model_max_length (default: a sentence-transformers folder's max_seq_length, else "
+                        f"{MAX_SEQ_LENGTH})")
+    p.add_argument("--max_query_length", type=ct.token_length, default=None,
+                   help="stored tokens per query, at most the tokenizer's model_max_length (default: a "
+                        f"sentence-transformers folder's max_seq_length, else {MAX_QUERY_LENGTH})")
+    p.add_argument("--query_prefix", default=None,
+                   help="text prepended to every query before tokenizing (default: the folder's query prompt in "
+                        "config_sentence_transformers.json, else none; '' for none)")
+    p.add_argument("--doc_prefix", default=None,
+                   help="text prepended to every passage/document (default: the folder's document / passage / "
+                        "corpus prompt, else none; '' for none)")
     p.add_argument("--max_doc_character", type=ct.positive_int, default=10000,
                    help="cut passage/document text to this many characters before tokenizing (default 10000)")
     p.add_argument("--threads", type=ct.positive_int, default=_cpu_count(),
@@ -701,17 +757,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     kind = KIND[args.data_type]
     tokenizer = load_tokenizer(args.model_name_or_path)
+    folder = args.model_name_or_path
+    max_seq_length = length_or_folder_default(args.max_seq_length, folder, MAX_SEQ_LENGTH, "--max_seq_length")
+    max_query_length = length_or_folder_default(args.max_query_length, folder, MAX_QUERY_LENGTH,
+                                                "--max_query_length")
     counts = preprocess(
         data_dir=args.data_dir or f"./data/{kind}/dataset",
         out_dir=args.out_dir or f"./data/{kind}/preprocess",
         data_type=args.data_type,
         tokenizer=tokenizer,
-        max_seq_length=fit_model_length(tokenizer, "max_seq_length", args.max_seq_length),
-        max_query_length=fit_model_length(tokenizer, "max_query_length", args.max_query_length),
+        max_seq_length=fit_model_length(tokenizer, "max_seq_length", max_seq_length),
+        max_query_length=fit_model_length(tokenizer, "max_query_length", max_query_length),
         max_doc_character=args.max_doc_character,
         overwrite=args.overwrite,
         threads=ct.at_most_cpus(args.threads, "--threads"),
         input_format=args.input_format,
+        prefixes=resolve_prefixes(args.query_prefix, args.doc_prefix, folder),
     )
     print(" ".join(f"{name}={n}" for name, n in counts.items()))
     return 0

@@ -40,6 +40,8 @@ from dataset import SequenceDataset, TokenIdsCache
 from infra.distributed import barrier, init_distributed
 from infra.embedding_memmap import open_embeddings
 from infra.io import InputError, PathLike, env_int
+from infra.model_folder import length_or_folder_default
+from infra.preprocess_meta import SIDES, check_model_matches
 from model import DenseEncoder, model_identity
 from infra.training_index import TENSOR_CHUNK_BYTES, TensorIPIndex, fits_on_gpu
 
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 CUDA_BATCH_TOKENS = 131072   # default padded tokens per batch on a GPU (512 passages of 256 tokens)
 RANK_WAIT_S = 6 * 3600       # how long torchrun ranks wait for each other (rank 0 assembles shards meanwhile)
 GATHER_QUERIES = 16384       # queries whose per-rank results are gathered and merged at a time
+QUERY_LENGTH, DOC_LENGTH = 32, 512  # the original's truncation, for a model folder that declares no length
 
 
 # ==============================================================================================================
@@ -79,13 +82,13 @@ def add_inference_args(parser: argparse.ArgumentParser, topk: int) -> None:
 
 
 def add_query_and_corpus_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """``--max_query_length``, ``--max_doc_length``, ``--eval_batch_size`` (default ``batch_size``) and
-    ``--shard_id``/``--num_shards``: the flags :func:`encode_queries_and_corpus` reads besides
-    :func:`add_encoding_args`' (the original's defaults)."""
-    parser.add_argument("--max_query_length", type=ct.positive_int, default=32,
-                        help="query truncation in tokens")
-    parser.add_argument("--max_doc_length", type=ct.positive_int, default=512,
-                        help="document truncation (README: 256 for passages)")
+    """``--max_query_length``, ``--max_doc_length`` (resolved by :func:`encode_queries_and_corpus`),
+    ``--eval_batch_size`` (default ``batch_size``) and ``--shard_id``/``--num_shards``: the flags
+    :func:`encode_queries_and_corpus` reads besides :func:`add_encoding_args`' (the original's defaults)."""
+    parser.add_argument("--max_query_length", type=ct.positive_int, default=None,
+                        help=f"query truncation (default: the model folder's max_seq_length, else {QUERY_LENGTH})")
+    parser.add_argument("--max_doc_length", type=ct.positive_int, default=None,
+                        help=f"document truncation (default: the folder's max_seq_length, else {DOC_LENGTH})")
     parser.add_argument("--eval_batch_size", type=ct.positive_int, default=batch_size,
                         help="encoding batch size per GPU")
     parser.add_argument("--shard_id", type=ct.non_negative_int, default=None,
@@ -156,8 +159,13 @@ def batch_tokens_for(args: argparse.Namespace, device: torch.device) -> Optional
 # Encoding
 # ==============================================================================================================
 
-def load_encoder(model_dir: PathLike, allow_pickle: bool = False) -> tuple[DenseEncoder, str, int]:
-    """``(model, model_id, pad_token_id)`` of a saved encoder; the pad id comes from the config (RoBERTa 1)."""
+def load_encoder(model_dir: PathLike, allow_pickle: bool = False, preprocess_dir: Optional[PathLike] = None,
+                 sides: Sequence[str] = SIDES) -> tuple[DenseEncoder, str, int]:
+    """``(model, model_id, pad_token_id)`` of a saved encoder; the pad id comes from the config (RoBERTa 1).
+    With ``preprocess_dir`` the model folder is first checked against its preprocessing on ``sides``
+    (:func:`infra.preprocess_meta.check_model_matches`: other prompts refused, another vocabulary warned)."""
+    if preprocess_dir is not None:
+        check_model_matches(preprocess_dir, model_dir, sides)
     model = DenseEncoder.from_pretrained(model_dir, allow_pickle=allow_pickle)
     return model, model_identity(model_dir, model), model.pad_token_id
 
@@ -199,21 +207,23 @@ def encode_queries_and_corpus(model_dir: PathLike, preprocess_dir: PathLike, mod
     ``preprocess_dir`` into ``output_dir/{mode}-query.memmap`` and ``output_dir/passages.memmap`` (resumable,
     :func:`encode_split`), as star/inference.py and star/prepare_hardneg.py do: the flags of
     :func:`add_encoding_args` and :func:`add_query_and_corpus_args`.
+    Unset lengths become the model folder's ``max_seq_length`` (:func:`infra.model_folder.length_or_folder_default`).
     Returns ``(queries, passages)``; None for a ``--shard_id`` job, which encodes only its shard of the corpus."""
-    model, model_id, pad = load_encoder(model_dir, allow_pickle=args.allow_pickle)
+    model, model_id, pad = load_encoder(model_dir, args.allow_pickle, preprocess_dir)
+    query_length = length_or_folder_default(args.max_query_length, model_dir, QUERY_LENGTH, "--max_query_length")
+    doc_length = length_or_folder_default(args.max_doc_length, model_dir, DOC_LENGTH, "--max_doc_length")
     common = dict(batch_size=args.eval_batch_size, device=placement.device, pad_token_id=pad, amp=args.amp,
                   overwrite=args.overwrite, batch_tokens=batch_tokens_for(args, placement.device),
                   placement=placement)
     output_dir = Path(output_dir)
     if placement.shard_only:
-        encode_split(model, model_id, preprocess_dir, "passages", args.max_doc_length, output_dir / "passages.memmap",
-                     **common)
+        encode_split(model, model_id, preprocess_dir, "passages", doc_length, output_dir / "passages.memmap", **common)
         logger.info("shard %d of %d of the corpus encoded; once every shard is done, run again without --shard_id "
                     "to assemble them and search", placement.shard, placement.num_shards)
         return None
-    queries = encode_split(model, model_id, preprocess_dir, f"{mode}-query", args.max_query_length,
+    queries = encode_split(model, model_id, preprocess_dir, f"{mode}-query", query_length,
                            output_dir / f"{mode}-query.memmap", **common)
-    passages = encode_split(model, model_id, preprocess_dir, "passages", args.max_doc_length,
+    passages = encode_split(model, model_id, preprocess_dir, "passages", doc_length,
                             output_dir / "passages.memmap", **common)
     return queries, passages
 

@@ -25,7 +25,10 @@ import retrieve_utils as ru
 from infra.embedding_memmap import corpus_rows, open_embeddings
 from infra.distributed import cleanup_distributed
 from infra.io import configure_logging, env_int, refuse_existing, run_cli
+from infra.model_folder import length_or_folder_default
 from preprocess import SPLIT_NAMES
+
+QUERY_LENGTH = 64  # the original's query truncation, for a model folder that declares no length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=SPLIT_NAMES, required=True, help="query split")
     parser.add_argument("--dmemmap_path", "--doc_embeddings", required=True,
                         help="document embeddings (STAR passages.memmap)")
-    parser.add_argument("--max_seq_length", type=ct.positive_int, default=64,
-                        help="query truncation in tokens (default %(default)s)")
+    parser.add_argument("--max_seq_length", type=ct.positive_int, default=None,
+                        help=f"query truncation in tokens (default: the model folder's max_seq_length, "
+                             f"else {QUERY_LENGTH})")
     parser.add_argument("--pergpu_eval_batch_size", type=ct.positive_int, default=32,
                         help="encoding batch size per GPU (default %(default)s)")
     parser.add_argument("--check_finite", action="store_true", help="scan the document embeddings for NaN/inf")
@@ -53,12 +57,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     rank_path = output_dir / f"{args.mode}.rank.tsv"
     refuse_existing(rank_path, args.overwrite)
 
-    model, model_id, pad = ru.load_encoder(args.model_dir, allow_pickle=args.allow_pickle)
+    model, model_id, pad = ru.load_encoder(args.model_dir, args.allow_pickle, args.preprocess_dir, sides=("query",))
+    max_seq_length = length_or_folder_default(args.max_seq_length, args.model_dir, QUERY_LENGTH, "--max_seq_length")
     docs = open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
                               n_rows=corpus_rows(args.preprocess_dir))
     placement = ru.resolve_placement(args)
     try:
-        queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", args.max_seq_length,
+        queries = ru.encode_split(model, model_id, args.preprocess_dir, f"{args.mode}-query", max_seq_length,
                                   output_dir / f"{args.mode}.qembed.memmap", batch_size=args.pergpu_eval_batch_size,
                                   device=placement.device, pad_token_id=pad, amp=args.amp, overwrite=args.overwrite,
                                   batch_tokens=ru.batch_tokens_for(args, placement.device), placement=placement)

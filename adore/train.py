@@ -36,6 +36,8 @@ from infra.distributed import DistInfo, all_reduce_sum, cleanup_distributed, get
 from infra.optim import build_optimizer, fp32_context, linear_schedule, make_grad_scaler, optimizer_step, param_groups
 from infra.training_loop import (EpochData, StepDriver, TrainerFlags, TrainingRun, add_training_args,
                                  cap_training_args, resume_settings, run_steps)
+from infra.model_folder import length_or_folder_default
+from infra.preprocess_meta import check_model_matches
 from model import load_init_model
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
 from infra.exact_search import shard_rows
@@ -48,6 +50,7 @@ logger = logging.getLogger("adore.train")
 APPEND_MODES = ("none_retrieved", "always")
 DATA_TYPES = ("passage", "doc")
 PASSAGE_METRIC_CUT = 200  # README passage command
+QUERY_LENGTH = 64         # the original's query truncation, for an init folder that declares no length
 EPOCH_PREFIX = "epoch-"
 TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
 # settings that decide the data order and the loss: a resume with other values is not exact
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frozen document embeddings (star.inference)")
     data.add_argument("--data_type", choices=DATA_TYPES, default=None,
                       help="passage: --metric_cut 200 by default")
-    data.add_argument("--max_seq_length", type=ct.positive_int, default=64, help="query truncation in tokens")
+    data.add_argument("--max_seq_length", type=ct.positive_int, default=None,
+                      help=f"query truncation in tokens (default: the init folder's max_seq_length, "
+                           f"else {QUERY_LENGTH})")
     data.add_argument("--allow_pickle", action="store_true",
                       help="load a legacy pytorch_model.bin (trusted)")
     data.add_argument("--check_finite", action="store_true", help="check the embeddings for NaN/inf")
@@ -197,14 +202,18 @@ def dist_info_for(args: argparse.Namespace) -> DistInfo:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Check the arguments (each flag's range is checked while parsing) and fill in the resolved ``metric_cut`` and
-    ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
+    """Check the arguments (each flag's range is checked while parsing) and the init folder against the
+    preprocessing (:func:`infra.preprocess_meta.check_model_matches`), and fill in the resolved ``metric_cut``,
+    ``max_seq_length`` and ``log_dir``; cap the query length, workers and faiss threads by the data and the machine
     (:func:`infra.training_loop.cap_training_args`); under torchrun refuse what cannot be right there
     (:func:`check_torchrun_args`).  Raises :class:`InputError`."""
     check_torchrun_args(args, env_int("WORLD_SIZE", 1))
     if args.model_gpu_index is None and env_int("WORLD_SIZE", 1) <= 1:
         args.model_gpu_index = 0
     args.metric_cut = resolve_metric_cut(args.metric_cut, args.data_type)
+    check_model_matches(args.preprocess_dir, args.init_path, sides=("query",))
+    args.max_seq_length = length_or_folder_default(args.max_seq_length, args.init_path, QUERY_LENGTH,
+                                                   "--max_seq_length")
     cap_training_args(args, {"max_seq_length": TokenIdsCache(args.preprocess_dir, "train-query")})
     args.faiss_omp_num_threads = ct.at_most_cpus(args.faiss_omp_num_threads, "--faiss_omp_num_threads")
     if args.log_dir is None:

@@ -32,6 +32,7 @@ from infra.optim import (OPTIMIZERS, autocast_context, build_optimizer, fp32_con
                          optimizer_step, param_groups)
 from infra.training_loop import (EpochData, StepDriver, TrainerFlags, TrainingRun, add_training_args,
                                  cap_training_args, resume_settings, run_steps)
+from infra.preprocess_meta import check_model_matches
 from model import load_init_model
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
@@ -105,13 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Raise :class:`InputError` for inconsistent arguments (each flag's range is checked while parsing); cap the
+    """Raise :class:`InputError` for inconsistent arguments (each flag's range is checked while parsing) and for an
+    init folder whose prompts differ from the preprocessing's (:func:`infra.preprocess_meta.check_model_matches`,
+    which also warns on another vocabulary); the lengths keep STAR's training defaults whatever the folder; cap the
     lengths and workers by the data and the machine (:func:`infra.training_loop.cap_training_args`); fill in the default
     ``logging_dir``."""
     if args.negative_mode == "star" and not args.hardneg_path:
         raise InputError("--negative_mode star needs --hardneg_path (hard.npy or hard.json of the train queries)")
     if args.negative_mode != "star" and args.hardneg_path:
         logger.warning("--hardneg_path is ignored with --negative_mode %s", args.negative_mode)
+    check_model_matches(args.preprocess_dir, args.init_path)
     cap_training_args(args, {"max_query_length": TokenIdsCache(args.preprocess_dir, "train-query"),
                                  "max_doc_length": TokenIdsCache(args.preprocess_dir, "passages")})
     if args.logging_dir is None:

@@ -78,9 +78,10 @@ TINY = {
 
 
 def write_files(folder: Path, files: dict) -> Path:
-    """Write ``{name: bytes}`` into ``folder`` (created); returns it."""
+    """Write ``{name: bytes}`` into ``folder`` (created, with the sub-folders the names hold); returns it."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
     return folder
 

@@ -13,6 +13,7 @@ import msmarco_eval
 import preprocess
 from helpers import reference_metrics, run, write_cacm_layouts, write_files
 from infra.io import InputError
+from infra.preprocess_meta import META_NAME
 from model import DenseEncoder
 from infra.run_file import load_id_map
 
@@ -116,8 +117,10 @@ def test_cacm_end_to_end(tmp_path, shared_dir, one_thread):
 
     # the BEIR outputs equal the MS MARCO-format preprocessing of the same texts, but for the ids they keep
     for name in preprocess.output_names([("train", True), ("test", True)], pickles=False):
-        if not name.endswith("_ids.npy"):
+        if not name.endswith("_ids.npy") and name != META_NAME:
             assert (pre / name).read_bytes() == (pre_msmarco / name).read_bytes(), name
+    metas = [json.loads((folder / META_NAME).read_text()) for folder in (pre, pre_msmarco)]
+    assert [m.pop("input_format") for m in metas] == ["beir", "msmarco"] and metas[0] == metas[1]
     doc_ids = load_id_map(pre / "passages_ids.npy")
     numbers = np.load(pre_msmarco / "passages_ids.npy").tolist()
     assert doc_ids[0] == "CACM-0001" and [int(d[5:]) for d in doc_ids] == numbers

@@ -323,4 +323,4 @@ def test_help_defaults_to_train_and_names_issue_24(capsys):
     assert "default train" in text and "issue #24" in text
     args = ph.build_parser().parse_args(["--data_type", "doc"])
     assert (args.mode, args.topk, args.max_query_length, args.max_doc_length, args.eval_batch_size) == \
-        ("train", 200, 32, 512, 128)
+        ("train", 200, None, None, 128)  # lengths: the model folder's max_seq_length, else 32 / 512 (test_st_folder)
