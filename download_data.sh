@@ -206,44 +206,68 @@ require_gdown() {
   exit 2
 }
 
-# check_model_folder FOLDER: config.json and the weights present, and it loads with DenseEncoder.from_pretrained
-check_model_folder() {
-  local folder=$1
-  if [[ ! -f $folder/config.json ]] || [[ ! -f $folder/pytorch_model.bin && ! -f $folder/model.safetensors ]]; then
-    echo "  $folder lacks config.json or pytorch_model.bin" >&2
-    return 1
-  fi
+# check_model_folders FOLDER...: one line per folder, "ok<TAB>FOLDER<TAB>what it is" or "bad<TAB>FOLDER<TAB>why":
+# config.json and the weights present, and it loads with DenseEncoder.from_pretrained (one Python process for all)
+check_model_folders() {
   PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
 import sys
+from pathlib import Path
 from model import DenseEncoder
-try:
-    model = DenseEncoder.from_pretrained(sys.argv[1])
-except Exception as e:
-    sys.exit(f"  {sys.argv[1]} does not load with DenseEncoder: {e}")
-print(f"  checked: loads with DenseEncoder ({model.output_dim}-d embeddings, head: {model.head})")' "$folder"
+
+for folder in map(Path, sys.argv[1:]):
+    if not (folder / "config.json").is_file() or not any(
+            (folder / name).is_file() for name in ("pytorch_model.bin", "model.safetensors")):
+        print(f"bad\t{folder}\tlacks config.json or pytorch_model.bin")
+        continue
+    try:
+        model = DenseEncoder.from_pretrained(folder)
+    except Exception as e:
+        print(f"bad\t{folder}\tdoes not load with DenseEncoder: {e}".replace("\n", " "))
+        continue
+    print(f"ok\t{folder}\t{model.output_dim}-d embeddings, head: {model.head}")' "$@"
 }
 
 # model_root FOLDER: FOLDER, or its one subfolder holding config.json (a Drive folder or zip may nest the model)
 model_root() {
   local found
   found=$(find "$1" -name config.json -printf '%h\n')
-  if [[ $(wc -l <<< "$found") == 1 && -n $found ]]; then echo "$found"; else echo "$1"; fi
+  if [[ -n $found && $(wc -l <<< "$found") == 1 ]]; then echo "$found"; else echo "$1"; fi
 }
 
-# install_model FROM DEST: check the model folder inside FROM and move it to DEST (DEST.done marks it complete);
-# a folder failing its check is removed, so that a rerun downloads it again
-install_model() {
-  local from=$1 dest=$2 root
-  root=$(model_root "$from")
-  if ! check_model_folder "$root"; then
-    echo "  $from removed: rerun to download it again" >&2
-    rm -rf "$from"
-    return 1
-  fi
-  mv "$root" "$dest"
-  rm -rf "$from"
-  touch "$dest.done"
+# Downloaded model folders awaiting their check: where each lies, where it goes, what it is (for the failures).
+PENDING_FROM=() PENDING_DEST=() PENDING_WHAT=()
+
+# install_pending: check the pending folders; move each good one to its DEST (DEST.done marks it complete); one
+# failing its check is removed, so that a rerun downloads it again
+install_pending() {
+  local i roots=() verdict folder detail
+  (( ${#PENDING_FROM[@]} )) || return 0
+  for i in "${!PENDING_FROM[@]}"; do
+    roots+=("$(model_root "${PENDING_FROM[i]}")")
+  done
+  i=0
+  while IFS=$'\t' read -r verdict folder detail; do
+    if [[ $verdict == ok ]]; then
+      mv "$folder" "${PENDING_DEST[i]}"
+      rm -rf "${PENDING_FROM[i]}"
+      touch "${PENDING_DEST[i]}.done"
+      echo "  checked ${PENDING_DEST[i]}: loads with DenseEncoder ($detail)"
+    else
+      echo "  $folder $detail (removed: rerun to download it again)" >&2
+      rm -rf "${PENDING_FROM[i]}"
+      FAILED+=("${PENDING_WHAT[i]}")
+    fi
+    i=$((i + 1))
+  done < <(check_model_folders "${roots[@]}")
+  for (( ; i < ${#PENDING_FROM[@]}; i++ )); do   # the check itself failed (e.g. no torch in PYTHON)
+    echo "  ${PENDING_FROM[i]}: not checked (PYTHON=$PY could not run the check)" >&2
+    FAILED+=("${PENDING_WHAT[i]}")
+  done
+  PENDING_FROM=() PENDING_DEST=() PENDING_WHAT=()
 }
+
+# pending FROM DEST WHAT: FROM awaits its check before it becomes DEST
+pending() { PENDING_FROM+=("$1"); PENDING_DEST+=("$2"); PENDING_WHAT+=("$3"); }
 
 # not_ours DEST: fails (saying so) when DEST exists without its .done marker: a folder put there by hand is kept
 not_ours() {
@@ -252,7 +276,7 @@ not_ours() {
   return 1
 }
 
-# drive_folder ID DEST: the Drive folder ID as a checked model folder DEST (gdown resumes DEST.part)
+# drive_folder ID DEST WHAT: the Drive folder ID into DEST.part (gdown resumes it), then pending its check
 drive_folder() {
   local id=$1 dest=$2
   if [[ -d $dest && -f $dest.done ]]; then
@@ -263,7 +287,7 @@ drive_folder() {
   mkdir -p "$dest.part"
   echo "  downloading Drive folder $id"
   gdown --folder "https://drive.google.com/drive/folders/$id" -O "$dest.part" --continue || return 1
-  install_model "$dest.part" "$dest"
+  pending "$dest.part" "$dest" "$3"
 }
 
 # drive_file ID DEST: the Drive file ID as DEST (gdown resumes DEST.part); DEST.done marks it complete
@@ -280,7 +304,7 @@ drive_file() {
   touch "$dest.done"
 }
 
-# warmup_checkpoint: the warm-up zip, extracted and checked into DIR/passage/warmup
+# warmup_checkpoint: the warm-up zip, extracted into DIR/passage/warmup.tmp, then pending its check
 warmup_checkpoint() {
   local d=$DIR/passage archive=$DIR/passage/warmup.zip
   if [[ -d $d/warmup && -f $d/warmup.done ]]; then
@@ -296,13 +320,17 @@ warmup_checkpoint() {
     rm -f "$archive" "$archive.done"
     return 1
   fi
-  install_model "$d/warmup.tmp" "$d/warmup" || return 1
-  [[ $KEEP_ARCHIVES == 1 ]] || rm -f "$archive" "$archive.done"
+  pending "$d/warmup.tmp" "$d/warmup" "warm-up checkpoint"
 }
 
 warmup() {
+  local archive=$DIR/passage/warmup.zip
   echo "== ANCE warm-up checkpoint -> $DIR/passage/warmup"
   step "warm-up checkpoint" warmup_checkpoint
+  install_pending
+  if [[ $KEEP_ARCHIVES != 1 && -f $DIR/passage/warmup.done ]]; then
+    rm -f "$archive" "$archive.done"
+  fi
 }
 
 models() {
@@ -310,9 +338,10 @@ models() {
   for task in $RELEASED_TASKS; do
     echo "== released $task models -> $DIR/$task/released"
     while read -r task key name _ _ _ id _; do
-      step "$name ($task model)" drive_folder "$id" "$DIR/$task/released/$key"
+      step "$name ($task model)" drive_folder "$id" "$DIR/$task/released/$key" "$name ($task model)"
     done < <(released_rows "$task")
   done
+  install_pending
 }
 
 runs() {

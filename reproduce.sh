@@ -343,7 +343,7 @@ released() {
   done
   for key in inbatch rand star; do   # ADORE(KEY): its query encoder against KEY's document embeddings
     released_model "adore-$key" || continue
-    if [[ ! -f $RELEASED_EVAL/evaluate/$key/passages.memmap ]]; then
+    if [[ ! -f $RELEASED_DIR/$key/config.json ]]; then
       echo "skipped adore-$key: it ranks with the document embeddings of $key, which is missing"
       continue
     fi
