@@ -170,6 +170,12 @@ def test_published_table_is_the_original_readme_one(repo_dir, shared_dir):
     assert WARMUP_ID in spec
 
 
+def test_the_docs_tables_are_the_published_figures(repo_dir):
+    doc = (repo_dir / "docs" / "released-models.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^\| ([\w()-]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", doc, flags=re.M)
+    assert shown == [(r["name"], r["dev_mrr"], r["dev_r100"], r["test_ndcg10"]) for r in published_rows(repo_dir)]
+
+
 def test_models_land_checked_and_a_rerun_skips_them(repo_dir, drive, tmp_path):
     out = tmp_path / "data"
     done = download(repo_dir, drive, out, "models", "passage")
