@@ -22,7 +22,8 @@
 #               corpus encoded once per document encoder (Inbatch-Neg, Rand-Neg, STAR; each ADORE model ranks
 #               with the embeddings of the model it was trained from, as in the paper), dev, DL19 and DL20 (when
 #               downloaded) ranked with each model present, and the table of our figures beside the published
-#               ones (ROOT/released_eval/results; a row more than 0.002 away is flagged).  Outputs in
+#               ones (ROOT/released_eval/results; a row more than 0.002 away is flagged), and the top-k overlap
+#               with the released rank files when downloaded (download_data.sh runs).  Outputs in
 #               ROOT/released_eval/evaluate/KEY.  GPU time and disk: docs/released-models.md.
 #
 # Every stage prints a banner and its wall time, and writes ROOT/.done/STAGE when it succeeded; a later run
@@ -326,10 +327,12 @@ released_model() {
 }
 
 released_results() {        # the table beside the published figures (download_data.sh --published)
+  local runs=()             # the released rank files, when downloaded (download_data.sh runs): top-k overlap
+  [[ -d $RELEASED_DIR/runs ]] && runs=(--released_runs "$RELEASED_DIR/runs")
   mkdir -p "$RELEASED_EVAL"
   bash download_data.sh --published > "$RELEASED_EVAL/published.tsv"
   "$PY" -m results_table --root "$RELEASED_EVAL" --preprocess_dir "$PRE" --task "$KIND" --title "$TASK" \
-    --published "$RELEASED_EVAL/published.tsv" "${DEV_ARGS[@]}"
+    --published "$RELEASED_EVAL/published.tsv" "${runs[@]}" "${DEV_ARGS[@]}"
 }
 
 released() {

@@ -30,6 +30,12 @@ the difference (ours - published), and flags a row whose difference exceeds ``--
 ``results.json["published"]`` holds the same per model.  ``--preprocess_dir`` reads the qrels from another folder
 than ``ROOT/preprocess`` (the released tasks rank into ``ROOT/released_eval`` with the task's preprocess folder).
 
+Released rank files (``--released_runs DIR``, what ``download_data.sh runs`` fetches): for each ``DIR/KEY/{dev,
+test}.rank.tsv`` beside our rank file of the same split, the mean top-10 and top-100 overlap (|ours ∩ theirs| / k
+per query, over the queries both rank).  Theirs are read in official ids (``qid pid rank`` or a TREC run, doc ids
+with their ``D``) and ours are mapped to official ids through the preprocess id maps; a file that cannot be read
+so is reported under the table, not fatal.  ``results.json["released_runs"]`` holds the figures.
+
 Curves (``--curves KEY ...``): the dev MRR of every saved ``checkpoint-<step>`` of the named models.  A STAR-type
 checkpoint encodes the corpus and the dev queries (memmaps in ``out_dir/curves/``, deleted once scored); an
 ADORE checkpoint encodes only the dev queries and searches its start model's frozen embeddings, so it is cheap
@@ -47,9 +53,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dataset import load_rank
 from infra import cli_types as ct
 from infra.checkpoint_paths import checkpoint_step, list_checkpoints
 from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, require_file, run_cli
+from infra.run_file import iter_run, load_id_map
 from msmarco_eval import evaluate_files
 
 TRAINERS = ("inbatch", "rand", "star")
@@ -65,6 +73,8 @@ COLUMNS = {"dev_mrr": "Dev MRR@{depth}", "dev_r100": "Dev R@100", "test_ndcg10":
 PUBLISHED_FIELDS = ("dev_mrr", "dev_r100", "test_ndcg10")   # the metrics the original README publishes
 PUBLISHED_COLUMNS = ("task", "key", "name", *PUBLISHED_FIELDS)
 TOLERANCE = 0.002
+OVERLAP_DEPTHS = (10, 100)
+OVERLAP_SPLITS = ("dev", "test")   # the released Dev and TRECTest rank files
 
 
 # ==============================================================================================================
@@ -213,6 +223,60 @@ def published_table(rows: dict[str, dict[str, Optional[float]]], comparison: dic
         cells += [_fmt(rows[key][field]) for field in extra]
         cells.append(f"**off by > {tolerance:g}**" if c["flagged"] else "ok")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def official_ranking(rank_path: Path, preprocess_dir: Path, split: str) -> dict[int, list[int]]:
+    """Our offset rank file in official ids (preprocess's id maps): ``{qid: [docid, ...]}`` in rank order."""
+    query_ids = load_id_map(preprocess_dir / f"{split}-query_ids.npy")
+    doc_ids = load_id_map(preprocess_dir / "passages_ids.npy")
+    return {int(query_ids[q]): doc_ids[docs].tolist() for q, docs in load_rank(rank_path).items()}
+
+
+def released_ranking(path: Path, task: str) -> dict[int, list[int]]:
+    """A released rank file (official ids, ``qid pid rank`` or TREC) as ``{qid: [docid, ...]}`` by rank."""
+    ranked: dict[int, list[tuple[int, int]]] = {}
+    for _, qid, docid, rank, _ in iter_run(path, ids="doc" if task == "doc" else "int", trec_ranks=True):
+        ranked.setdefault(qid, []).append((rank, docid))
+    return {qid: [docid for _, docid in sorted(pairs)] for qid, pairs in ranked.items()}
+
+
+def top_overlap(ours: dict[int, list[int]], theirs: dict[int, list[int]], path: Path) -> dict[str, float]:
+    """``queries`` (those both rank) and the mean ``top{k}`` overlap |ours[:k] ∩ theirs[:k]| / k, for each k of
+    :data:`OVERLAP_DEPTHS`."""
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        raise InputError("no query in common with our rank file", path=path)
+    out: dict[str, float] = {"queries": len(common)}
+    for k in OVERLAP_DEPTHS:
+        out[f"top{k}"] = sum(len(set(ours[q][:k]) & set(theirs[q][:k])) for q in common) / (k * len(common))
+    return out
+
+
+def compare_released_runs(root: Path, runs_dir: Path, preprocess_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """``{key: {split: top_overlap(...) or {"error": message}}}`` for each released rank file beside one of ours."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in TABLE_KEYS:
+        for split in OVERLAP_SPLITS:
+            theirs, ours = runs_dir / key / f"{split}.rank.tsv", rank_dir(root, key) / f"{split}.rank.tsv"
+            if not (theirs.is_file() and ours.is_file()):
+                continue
+            try:
+                figures = top_overlap(official_ranking(ours, preprocess_dir, split), released_ranking(theirs, task),
+                                      theirs)
+            except InputError as e:
+                figures = {"error": str(e)}
+            out.setdefault(key, {})[split] = figures
+    return out
+
+
+def overlap_lines(overlaps: dict[str, dict[str, Any]]) -> str:
+    lines = ["Released rank files, top-k overlap with ours:"]
+    for key, splits in overlaps.items():
+        for split, f in splits.items():
+            figures = (f"not compared: {f['error']}" if "error" in f else f"{f['queries']} queries, "
+                       + ", ".join(f"top-{k} {f[f'top{k}']:.3f}" for k in OVERLAP_DEPTHS))
+            lines.append(f"- {NAMES[key]} {split}: {figures}")
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--published", default=None, metavar="TSV",
                         help="released-models table (bash download_data.sh --published): our figures beside the "
                              "published ones")
+    parser.add_argument("--released_runs", default=None, metavar="DIR",
+                        help="released rank files (DIR/KEY/{dev,test}.rank.tsv, download_data.sh runs): top-k "
+                             "overlap with ours")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help="--published: flag a row more than this away (default %(default)s)")
     parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
@@ -410,6 +477,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     table = (markdown_table(rows, args.task, title) if against_paper is None
              else published_table(rows, against_paper, args.task, title, args.tolerance))
     text = table + ("\n" + comparison_lines(comparisons) if comparisons else "")
+    overlaps = (compare_released_runs(root, Path(args.released_runs), preprocess_dir, args.task)
+                if args.released_runs else {})
+    if overlaps:
+        text += "\n" + overlap_lines(overlaps)
 
     make_scorer = functools.partial(CheckpointScorer, root, preprocess_dir, out / "curves", args.task,
                                     args.query_length, args.adore_query_length, args.doc_length, args.batch_size,
@@ -424,6 +495,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               "plot": str(out / "curves.png") if plotted else None}
     if against_paper is not None:
         result["published"] = {NAMES[k]: v for k, v in against_paper.items()}
+    if overlaps:
+        result["released_runs"] = {NAMES[k]: v for k, v in overlaps.items()}
     atomic_write_text(out / "results.md", text)
     atomic_write_json(out / "results.json", result)
     print(text, end="")

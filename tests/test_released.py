@@ -91,6 +91,16 @@ def sample(tmp_path_factory) -> Path:
     return out
 
 
+def fake_run(qids: list[str], seed: int, trec: bool) -> str:
+    """A released-style rank file in official ids: 100 random passages per query, ``qid pid rank`` or TREC."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for qid in qids:
+        for rank, pid in enumerate(rng.choice(3000, 100, replace=False).tolist(), 1):
+            lines.append(f"{qid} Q0 {pid} {rank} {1 / rank:.4f} released" if trec else f"{qid}\t{pid}\t{rank}")
+    return "\n".join(lines) + "\n"
+
+
 def save_released_style(folder: Path, seed: int, vocab_size: int, positions: int) -> None:
     """A tiny random RoBERTa DenseEncoder saved as the released folders are: ``torch.save`` of the state dict and
     a config.json without ``model_type`` (transformers 2.x), typed by ``architectures``."""
@@ -114,11 +124,15 @@ def drive(tmp_path_factory, sample, repo_dir) -> dict:
     root = tmp_path_factory.mktemp("drive")
     info = json.loads((sample / "sample_info.json").read_text())
     rows = [r for r in published_rows(repo_dir) if r["task"] == "passage"]
+    dataset = sample / "passage" / "dataset"
+    qids = {"train": [line.split("\t")[0] for line in (dataset / "queries.train.tsv").read_text().splitlines()[:3]],
+            "dev": [line.split("\t")[0] for line in (dataset / "queries.dev.small.tsv").read_text().splitlines()[:5]],
+            "test": sorted({line.split()[0] for line in (dataset / "2019qrels-pass.txt").read_text().splitlines()})[:3]}
     for seed, row in enumerate(rows):
         save_released_style(root / row["folder_id"], seed, info["vocab_size"], info["max_position_embeddings"])
         for split in ("train", "dev", "test"):
             if row[f"{split}_run"] != "-":
-                (root / row[f"{split}_run"]).write_text(f"{row['key']} {split}\t7\t1\n")
+                (root / row[f"{split}_run"]).write_text(fake_run(qids[split], seed, trec=split == "test"))
     save_released_style(root / "warmup-src" / "ance-warmup", 99, info["vocab_size"], info["max_position_embeddings"])
     with zipfile.ZipFile(root / WARMUP_ID, "w") as archive:
         for path in sorted((root / "warmup-src").rglob("*")):
@@ -248,7 +262,9 @@ def test_rank_files_land_by_split(repo_dir, drive, tmp_path):
     runs = out / "passage" / "released" / "runs"
     assert sorted(str(p.relative_to(runs)) for p in runs.rglob("*.tsv")) == [
         f"{key}/{split}.rank.tsv" for key in ("adore-star", "star") for split in ("dev", "test", "train")]
-    assert (runs / "star" / "dev.rank.tsv").read_text() == "star dev\t7\t1\n"
+    star = drive["rows"][2]
+    for split in ("train", "dev", "test"):
+        assert (runs / "star" / f"{split}.rank.tsv").read_bytes() == (drive["root"] / star[f"{split}_run"]).read_bytes()
 
 
 def test_a_foreign_folder_is_kept(repo_dir, drive, tmp_path):
@@ -301,6 +317,29 @@ def test_published_comparison_flags_beyond_the_tolerance(tmp_path):
     assert table[3].endswith("| – | 0.683 | – | – | **off by > 0.002** |")
 
 
+def test_released_rank_file_overlap_in_official_ids(tmp_path):
+    """Doc ids: ours (offsets) mapped through the id maps; theirs with their D; an unreadable file is reported."""
+    pre, root, runs = tmp_path / "pre", tmp_path / "root", tmp_path / "runs"
+    pre.mkdir()
+    np.save(pre / "passages_ids.npy", np.array([50, 51, 52, 53], dtype=np.int64))
+    np.save(pre / "dev-query_ids.npy", np.array([900, 901], dtype=np.int64))
+    np.save(pre / "test-query_ids.npy", np.array([7], dtype=np.int64))
+    for key, split, text in (("star", "dev", "0\t0\t1\n0\t1\t2\n1\t3\t1\n"), ("star", "test", "0\t2\t1\n")):
+        (root / "evaluate" / key).mkdir(parents=True, exist_ok=True)
+        (root / "evaluate" / key / f"{split}.rank.tsv").write_text(text)
+    (runs / "star").mkdir(parents=True)
+    # query 900: ours D50 D51, theirs D51 D52 -> 1 shared; query 901: ours D53, theirs D53 -> 1; query 5 not ours
+    (runs / "star" / "dev.rank.tsv").write_text("900 Q0 D52 2 0.5 r\n900 Q0 D51 1 1.0 r\n901 Q0 D53 1 1.0 r\n"
+                                                "5 Q0 D50 1 1.0 r\n")
+    (runs / "star" / "test.rank.tsv").write_text("7\t52\t1\n")  # no D: not this task's ids
+    overlaps = results_table.compare_released_runs(root, runs, pre, "doc")
+    assert overlaps["star"]["dev"] == {"queries": 2, "top10": pytest.approx(2 / 20), "top100": pytest.approx(2 / 200)}
+    assert "star/test.rank.tsv:1" in overlaps["star"]["test"]["error"]
+    lines = results_table.overlap_lines(overlaps).splitlines()
+    assert lines[1] == "- STAR dev: 2 queries, top-10 0.100, top-100 0.010"
+    assert lines[2].startswith("- STAR test: not compared: ")
+
+
 @pytest.mark.parametrize("row, message", [("passage\tstarr\tSTAR\t0.3\t0.8\t0.6\tx", "unknown model key"),
                                           ("passage\tstar\tSTAR\tn/a\t0.8\t0.6\tx", "expected a figure")])
 def test_a_bad_published_row_names_its_line(tmp_path, row, message):
@@ -325,8 +364,9 @@ def released_run(tmp_path_factory, repo_dir, sample, drive) -> dict:
     stand-in gdown, then ``reproduce.sh released-passage``."""
     data = tmp_path_factory.mktemp("released") / "data"
     shutil.copytree(sample / "passage" / "dataset", data / "passage" / "dataset")
-    fetched = download(repo_dir, drive, data, "models", "passage")
-    assert fetched.returncode == 0, fetched.stderr
+    for target in ("models", "runs"):
+        fetched = download(repo_dir, drive, data, target, "passage")
+        assert fetched.returncode == 0, fetched.stderr
     env = {"TOKENIZER": str(sample / "tokenizer")}
     done = reproduce(repo_dir, "released-passage", data, **env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -377,6 +417,34 @@ def test_released_passage_ranks_the_sample_and_sets_the_paper_beside(released_ru
         other = "star" if key != "star" else "rand"  # not the ranking of another model's embeddings
         others = np.memmap(evaluate / other / "passages.memmap", dtype=np.float32, mode="r").reshape(n_docs, -1)
         assert not all(exact_top(others, queries[q], ranked) for q, ranked in ranking.items())
+
+
+def overlap_by_hand(ours: Path, theirs: Path, pre: Path, split: str) -> dict:
+    """The top-10 / top-100 overlap of our offset rank file with a released one in official ids, by hand."""
+    qids, pids = np.load(pre / f"{split}-query_ids.npy"), np.load(pre / "passages_ids.npy")
+    mine = {int(qids[q]): [int(pids[p]) for p in docs] for q, docs in load_rank(ours).items()}
+    released: dict[int, list[int]] = {}
+    for line in theirs.read_text().splitlines():   # written in rank order
+        fields = line.split()
+        released.setdefault(int(fields[0]), []).append(int(fields[2] if len(fields) == 6 else fields[1]))
+    return {"queries": len(released),
+            **{f"top{k}": np.mean([len(set(mine[q][:k]) & set(d[:k])) / k for q, d in released.items()])
+               for k in (10, 100)}}
+
+
+@pytest.mark.slow
+def test_released_rank_files_are_compared_by_top_k_overlap(released_run):
+    root = released_run["root"]
+    runs, evaluate = root / "released" / "runs", root / "released_eval" / "evaluate"
+    result = json.loads((root / "released_eval" / "results" / "results.json").read_text())
+    assert set(result["released_runs"]) == {"STAR", "ADORE(STAR)"}
+    for key, name in (("star", "STAR"), ("adore-star", "ADORE(STAR)")):
+        for split in ("dev", "test"):
+            expected = overlap_by_hand(evaluate / key / f"{split}.rank.tsv", runs / key / f"{split}.rank.tsv",
+                                       root / "preprocess", split)
+            assert result["released_runs"][name][split] == pytest.approx(expected)
+            assert (f"- {name} {split}: {expected['queries']} queries, top-10 {expected['top10']:.3f}, "
+                    f"top-100 {expected['top100']:.3f}") in released_run["stdout"]
 
 
 @pytest.mark.slow
