@@ -22,7 +22,8 @@
 #              each folder is checked: config.json and the weights present, loads with DenseEncoder
 #              (estimated ~0.5 GB a model, ~3 GB a task)
 #   runs       the released Train / Dev / TRECTest rank files of STAR and ADORE(STAR) into
-#              DIR/{passage,doc}/released/runs/KEY/{train,dev,test}.rank.tsv, as published (official ids)
+#              DIR/{passage,doc}/released/runs/KEY/{train,dev,test}.rank.tsv, as published (size not published;
+#              reproduce.sh released-* compares the dev and test ones with ours)
 #
 # warmup, models and runs are Google Drive files (the links of the original README) fetched with gdown (pip
 # install 'gdown>=5.2', or the project's [download] extra), which passes Drive's confirmation step for large files;

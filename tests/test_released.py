@@ -208,6 +208,7 @@ def test_models_land_checked_and_a_rerun_skips_them(repo_dir, drive, tmp_path):
     assert gdown_log(out) == []
 
 
+@pytest.mark.slow
 def test_interrupted_folder_download_resumes(repo_dir, drive, tmp_path):
     out, star = tmp_path / "data", drive["rows"][2]
     assert star["key"] == "star"
