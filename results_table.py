@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--released_runs", default=None, metavar="DIR",
                         help="released rank files (DIR/KEY/{dev,test}.rank.tsv, download_data.sh runs): top-k "
                              "overlap with ours")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+    parser.add_argument("--tolerance", type=ct.non_negative_float, default=TOLERANCE,
                         help="--published: flag a row more than this away (default %(default)s)")
     parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
                         help="evaluate every checkpoint of these models on dev for the curves: "
