@@ -189,7 +189,8 @@ def compare_published(rows: dict[str, dict[str, Optional[float]]], published: di
                       tolerance: float = TOLERANCE) -> dict[str, dict[str, Any]]:
     """For each model with both our row and a published one: ``ours``, ``published``, ``diff`` (ours - published,
     None where we have no figure) per field of :data:`PUBLISHED_FIELDS`, and ``flagged`` (some |diff| above
-    ``tolerance``, rounded to the published three decimals first)."""
+    ``tolerance``; |diff| is rounded to 6 decimals first, so that float noise does not flag a difference of
+    exactly ``tolerance``)."""
     out = {}
     for key in TABLE_KEYS:
         if key not in rows or key not in published:
