@@ -21,10 +21,10 @@ import torch
 from transformers import RobertaConfig
 
 import results_table
+from dataset import load_rank
 from infra.io import InputError
 from model import DenseEncoder
 from msmarco_eval import evaluate_files
-from dataset import load_rank
 
 KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-star")
 NAMES = ("Inbatch-Neg", "Rand-Neg", "STAR", "ADORE(Inbatch-Neg)", "ADORE(Rand-Neg)", "ADORE(STAR)")
