@@ -5,15 +5,26 @@
 #   -> ADORE on each of Inbatch-Neg / Rand-Neg / STAR -> ADORE inference -> evaluation, table, curves
 #
 # Usage:  bash reproduce.sh [TASK]        TASK = sample (default) | sample-doc | passage | doc
+#                                         | released-passage | released-doc
 #
 #   sample      the bundled passage sample (generated offline by `python -m sample_data`), small settings:
 #               about 5 minutes on a 2-core CPU.
 #   sample-doc  the bundled document sample; the warm-up learns from the sample's BM25 train run, as the real
 #               doc warm-up does from msmarco-doctrain-top100.
-#   passage     MS MARCO passage (bash download_data.sh passage first; put the ANCE warm-up checkpoint in
-#               data/passage/warmup).  The paper's settings.  Needs a GPU (README: time, memory, disk).
+#   passage     MS MARCO passage (bash download_data.sh passage first; bash download_data.sh warmup puts the ANCE
+#               warm-up checkpoint in data/passage/warmup).  The paper's settings.  Needs a GPU (README: time,
+#               memory, disk).
 #   doc         MS MARCO documents (bash download_data.sh doc); the warm-up starts from a STAR passage
 #               model (WARMUP_INIT) trained on the official BM25 top-100 negatives (DRhard issue #18).
+#   released-passage, released-doc
+#               evaluate the released models (bash download_data.sh passage|doc, then
+#               bash download_data.sh models passage|doc): preprocess (shared with the passage / doc task), the
+#               corpus encoded once per document encoder (Inbatch-Neg, Rand-Neg, STAR; each ADORE model ranks
+#               with the embeddings of the model it was trained from, as in the paper), dev, DL19 and DL20 (when
+#               downloaded) ranked with each model present, and the table of our figures beside the published
+#               ones (ROOT/released_eval/results; a row more than 0.002 away is flagged), and the top-k overlap
+#               with the released rank files when downloaded (download_data.sh runs).  Outputs in
+#               ROOT/released_eval/evaluate/KEY.  GPU time and disk: docs/released-models.md.
 #
 # Every stage prints a banner and its wall time, and writes ROOT/.done/STAGE when it succeeded; a later run
 # skips finished stages (delete the marker, or the whole ROOT/.done, to redo them after changing a setting).
@@ -45,14 +56,16 @@
 #   CURVES=all | adore      which checkpoints results_table.py evaluates on dev for the curves (none: skip)
 #   SAMPLE_SEED=13          seed of the generated sample
 #   TOKENIZER=DATA/roberta-base   real tasks: folder with the roberta-base vocab.json + merges.txt
+#   RELEASED_DIR=DATA/{passage,doc}/released   released-* tasks: the model folders (download_data.sh models)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 TASK=${1:-sample}
 case $TASK in
   sample|sample-doc|passage|doc) ;;
+  released-passage|released-doc) ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: bash reproduce.sh [sample|sample-doc|passage|doc]" >&2; exit 2 ;;
+  *) echo "usage: bash reproduce.sh [sample|sample-doc|passage|doc|released-passage|released-doc]" >&2; exit 2 ;;
 esac
 
 # ------------------------------------------------------------------------------------------------------------
@@ -71,6 +84,10 @@ case $TASK in
   sample|passage) KIND=passage ;;
   *) KIND=doc ;;
 esac
+if [[ $TASK == released-* ]]; then   # the released models, evaluated on the task's data folder
+  KIND=${TASK#released-}; ROOT=$DATA/$KIND
+  RELEASED_DIR=${RELEASED_DIR:-$DATA/$KIND/released}
+fi
 
 if [[ $SAMPLE == 1 ]]; then
   THREADS=${THREADS-1}
@@ -184,7 +201,7 @@ check_dataset() {
   local file=$ROOT/dataset/collection.tsv
   [[ $KIND == doc ]] && file=$ROOT/dataset/msmarco-docs.tsv
   if [[ ! -f $file ]]; then
-    echo "error: $file not found: run 'bash download_data.sh $TASK --dir $DATA' first" >&2
+    echo "error: $file not found: run 'bash download_data.sh $KIND --dir $DATA' first" >&2
     return 1
   fi
   if [[ ! -f $TOKENIZER/vocab.json || ! -f $TOKENIZER/merges.txt ]]; then
@@ -204,10 +221,10 @@ warmup_sample_passage() {   # Inbatch-Neg from the random init (stands in for AN
   star_train "$WARMUP" inbatch "$WARMUP_INIT" "${WARMUP_ARGS[@]}"
 }
 
-warmup_passage() {          # the user supplies ANCE's checkpoint (original README)
+warmup_passage() {          # ANCE's checkpoint (original README's link): bash download_data.sh warmup
   if [[ ! -f $WARMUP/config.json ]]; then
-    echo "error: no warm-up model in $WARMUP: download ANCE's passage warm-up checkpoint (BM25 negatives," \
-         "~0.31 dev MRR@10; link in the original DRhard README) and extract it there" \
+    echo "error: no warm-up model in $WARMUP: run 'bash download_data.sh warmup --dir $DATA' (ANCE's passage" \
+         "warm-up checkpoint, BM25 negatives, ~0.31 dev MRR@10), or extract it there yourself" \
          "(config.json + pytorch_model.bin)" >&2
     return 1
   fi
@@ -268,15 +285,21 @@ adore() {                   # ADORE's query encoder from MODEL's checkpoint, aga
     --logging_steps "$(( SAMPLE == 1 ? 5 : 100 ))" "${DEV_ARGS[@]}" "${ADORE_FAISS[@]}"
 }
 
-adore_inference() {         # the last ADORE checkpoint on the ranked_splits
-  local model=$1 split checkpoint
-  checkpoint=$(latest_checkpoint "$ROOT/adore_train/$model")
-  echo "ADORE($model) model: $checkpoint"
+# adore_rank MODEL_DIR OUT_DIR DOC_EMBEDDINGS: an ADORE query encoder on the ranked_splits against frozen embeddings
+adore_rank() {
+  local split
   for split in $(ranked_splits); do
-    "$PY" -m adore.inference --model_dir "$checkpoint" --output_dir "$ROOT/evaluate/adore-$model" \
-      --preprocess_dir "$PRE" --mode "$split" --dmemmap_path "$ROOT/evaluate/$model/passages.memmap" \
+    "$PY" -m adore.inference --model_dir "$1" --output_dir "$2" \
+      --preprocess_dir "$PRE" --mode "$split" --dmemmap_path "$3" \
       --overwrite "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
   done
+}
+
+adore_inference() {         # the last ADORE checkpoint on the ranked_splits
+  local model=$1 checkpoint
+  checkpoint=$(latest_checkpoint "$ROOT/adore_train/$model")
+  echo "ADORE($model) model: $checkpoint"
+  adore_rank "$checkpoint" "$ROOT/evaluate/adore-$model" "$ROOT/evaluate/$model/passages.memmap"
 }
 
 results() {
@@ -292,9 +315,64 @@ results() {
 }
 
 # ------------------------------------------------------------------------------------------------------------
+# The released models (released-passage, released-doc)
+# ------------------------------------------------------------------------------------------------------------
+RELEASED_EVAL=$ROOT/released_eval
+
+# released_model KEY: true when RELEASED_DIR/KEY is a model folder; else says how to download it
+released_model() {
+  [[ -f $RELEASED_DIR/$1/config.json ]] && return 0
+  echo "skipped $1: no model in $RELEASED_DIR/$1 (bash download_data.sh models $KIND --dir $DATA)"
+  return 1
+}
+
+released_results() {        # the table beside the published figures (download_data.sh --published)
+  local runs=()             # the released rank files, when downloaded (download_data.sh runs): top-k overlap
+  [[ -d $RELEASED_DIR/runs ]] && runs=(--released_runs "$RELEASED_DIR/runs")
+  mkdir -p "$RELEASED_EVAL"
+  bash download_data.sh --published > "$RELEASED_EVAL/published.tsv"
+  "$PY" -m results_table --root "$RELEASED_EVAL" --preprocess_dir "$PRE" --task "$KIND" --title "$TASK" \
+    --published "$RELEASED_EVAL/published.tsv" "${runs[@]}" "${DEV_ARGS[@]}"
+}
+
+released() {
+  local key ranked=0
+  check_dataset
+  stage preprocess preprocess
+  for key in inbatch rand star; do   # a document encoder: the corpus once, then its own queries
+    released_model "$key" || continue
+    stage "released-encode-$key" encode "$RELEASED_DIR/$key" "$RELEASED_EVAL/evaluate/$key"
+    ranked=1
+  done
+  for key in inbatch rand star; do   # ADORE(KEY): its query encoder against KEY's document embeddings
+    released_model "adore-$key" || continue
+    if [[ ! -f $RELEASED_DIR/$key/config.json ]]; then
+      echo "skipped adore-$key: it ranks with the document embeddings of $key, which is missing"
+      continue
+    fi
+    stage "released-adore-$key" adore_rank "$RELEASED_DIR/adore-$key" "$RELEASED_EVAL/evaluate/adore-$key" \
+      "$RELEASED_EVAL/evaluate/$key/passages.memmap"
+  done
+  if (( ! ranked )); then
+    echo "error: no released model in $RELEASED_DIR: run 'bash download_data.sh models $KIND --dir $DATA'" >&2
+    return 1
+  fi
+  echo
+  echo "=== [$TASK] evaluation: started $(date '+%F %T')"
+  local start=$SECONDS
+  released_results
+  echo "=== [$TASK] evaluation: finished in $((SECONDS - start)) s"
+}
+
+# ------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------------------
 echo "reproduce.sh $TASK: outputs in $ROOT (threads: ${THREADS:-default}, device: $DEVICE)"
+if [[ $TASK == released-* ]]; then
+  released
+  echo "=== [$TASK] all stages done in $((SECONDS - TOTAL_START)) s; results in $RELEASED_EVAL/results"
+  exit 0
+fi
 if [[ $SAMPLE == 1 ]]; then
   stage sample generate_sample
 else

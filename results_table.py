@@ -6,6 +6,8 @@ Scores the rank files reproduce.sh writes under ``--root`` with msmarco_eval (De
 MRR@100 and R@100; Test and DL20 NDCG@10) and writes ``results.md`` (printed too), ``results.json`` and
 ``curves.png`` to ``--out_dir``.  The layout read and the metrics: :func:`gather`; the comparisons:
 :func:`compare`; the curves: :func:`evaluate_curves`.
+``--published`` sets the released models' published figures beside ours (:func:`compare_published`);
+``--released_runs`` the overlap with the released rank files.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dataset import load_rank
 from infra import cli_types as ct
 from infra.checkpoint_paths import checkpoint_step, list_checkpoints
-from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
+from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, require_file, run_cli
+from infra.run_file import iter_run, load_id_map
 from msmarco_eval import evaluate_files
 
 TRAINERS = ("inbatch", "rand", "star")
@@ -30,6 +34,11 @@ SEARCH_DEPTH = 100
 NDCG_SPLITS = {"test": "test_ndcg10", "test2020": "dl20_ndcg10"}  # NDCG@10 field of TREC DL 2019 (test) and DL 2020
 COLUMNS = {"dev_mrr": "Dev MRR@{depth}", "dev_r100": "Dev R@100", "test_ndcg10": "Test NDCG@10",
            "dl20_ndcg10": "DL20 NDCG@10"}   # table header of each field present
+PUBLISHED_FIELDS = ("dev_mrr", "dev_r100", "test_ndcg10")   # the metrics the original README publishes
+PUBLISHED_COLUMNS = ("task", "key", "name", *PUBLISHED_FIELDS)
+TOLERANCE = 0.002
+OVERLAP_DEPTHS = (10, 100)
+OVERLAP_SPLITS = ("dev", "test")   # the released Dev and TRECTest rank files
 
 
 # ==============================================================================================================
@@ -61,9 +70,11 @@ def score_rank_files(folder: Path, preprocess_dir: Path, depth: int,
     return row
 
 
-def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
-    """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files; the DL20
-    field only when some model has a ``test2020.rank.tsv``.
+def gather(root: PathLike, task: str, preprocess_dir: Optional[PathLike] = None
+           ) -> dict[str, dict[str, Optional[float]]]:
+    """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files, scored on the
+    qrels in ``preprocess_dir`` (default ``root/preprocess``); the DL20 field only when some model has a
+    ``test2020.rank.tsv``.
 
     Layout read under ``--root`` (what reproduce.sh writes; ``KEY`` is inbatch, rand or star)::
 
@@ -83,11 +94,12 @@ def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
     comparisons below and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
     """
     root = Path(root)
+    preprocess_dir = Path(preprocess_dir) if preprocess_dir is not None else root / "preprocess"
     folders = {key: rank_dir(root, key) for key in ("warmup", *TABLE_KEYS)}
     ranked = {key: {split for split in ("dev", *NDCG_SPLITS) if (folder / f"{split}.rank.tsv").is_file()}
               for key, folder in folders.items()}
     ndcg_splits = [split for split in NDCG_SPLITS if split == "test" or any(split in r for r in ranked.values())]
-    return {key: score_rank_files(folder, root / "preprocess", mrr_depth(task), ndcg_splits)
+    return {key: score_rank_files(folder, preprocess_dir, mrr_depth(task), ndcg_splits)
             for key, folder in folders.items() if ranked[key]}
 
 
@@ -130,6 +142,132 @@ def comparison_lines(comparisons: list[dict[str, Any]]) -> str:
 
 
 # ==============================================================================================================
+# Published figures (the released models)
+# ==============================================================================================================
+
+def read_published(path: PathLike, task: str) -> dict[str, dict[str, float]]:
+    """``{key: {field: figure}}`` of ``task``'s rows in the released-models TSV (module docstring)."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t") if lines else []
+    missing = [c for c in PUBLISHED_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"the header lacks the columns {missing}", path=path, line=1, value=lines[0] if lines else "")
+    published: dict[str, dict[str, float]] = {}
+    for number, line in enumerate(lines[1:], 2):
+        cells = dict(zip(header, line.split("\t")))
+        if cells.get("task") != task:
+            continue
+        if cells.get("key") not in TABLE_KEYS:
+            raise InputError(f"unknown model key (expected one of {TABLE_KEYS})", path=path, line=number,
+                             value=cells.get("key"))
+        try:
+            published[cells["key"]] = {field: float(cells[field]) for field in PUBLISHED_FIELDS}
+        except (KeyError, ValueError):
+            raise InputError("expected a figure in each of " + ", ".join(PUBLISHED_FIELDS), path=path,
+                             line=number, value=line) from None
+    if not published:
+        raise InputError(f"no row for the task {task!r}", path=path)
+    return published
+
+
+def compare_published(rows: dict[str, dict[str, Optional[float]]], published: dict[str, dict[str, float]],
+                      tolerance: float = TOLERANCE) -> dict[str, dict[str, Any]]:
+    """For each model with both our row and a published one: ``ours``, ``published``, ``diff`` (ours - published,
+    None where we have no figure) per field of :data:`PUBLISHED_FIELDS`, and ``flagged`` (some |diff| above
+    ``tolerance``; |diff| is rounded to 6 decimals first, so that float noise does not flag a difference of
+    exactly ``tolerance``)."""
+    out = {}
+    for key in TABLE_KEYS:
+        if key not in rows or key not in published:
+            continue
+        diff = {f: None if rows[key][f] is None else rows[key][f] - published[key][f] for f in PUBLISHED_FIELDS}
+        out[key] = {"ours": {f: rows[key][f] for f in PUBLISHED_FIELDS}, "published": published[key], "diff": diff,
+                    "flagged": any(d is not None and round(abs(d), 6) > tolerance for d in diff.values())}
+    return out
+
+
+def _signed(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:+.3f}"
+
+
+def published_table(rows: dict[str, dict[str, Optional[float]]], comparison: dict[str, dict[str, Any]], task: str,
+                    title: str, tolerance: float = TOLERANCE) -> str:
+    """Our figures, the published ones and the difference per metric of :data:`PUBLISHED_FIELDS` (then DL20,
+    which has no published figure, when present), one line per compared model; ``off by > tolerance`` flags a
+    row."""
+    extra = [field for field in COLUMNS if field not in PUBLISHED_FIELDS and any(field in r for r in rows.values())]
+    header = [title]
+    for field in PUBLISHED_FIELDS:
+        label = COLUMNS[field].format(depth=mrr_depth(task)).replace("Test", "DL19")
+        header += [label, "paper", "Δ"]
+    header += [COLUMNS[field] for field in extra] + ["check"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, c in comparison.items():
+        cells = [NAMES[key]]
+        for field in PUBLISHED_FIELDS:
+            cells += [_fmt(c["ours"][field]), _fmt(c["published"][field]), _signed(c["diff"][field])]
+        cells += [_fmt(rows[key][field]) for field in extra]
+        cells.append(f"**off by > {tolerance:g}**" if c["flagged"] else "ok")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def official_ranking(rank_path: Path, preprocess_dir: Path, split: str) -> dict[int, list[int]]:
+    """Our offset rank file in official ids (preprocess's id maps): ``{qid: [docid, ...]}`` in rank order."""
+    query_ids = load_id_map(preprocess_dir / f"{split}-query_ids.npy")
+    doc_ids = load_id_map(preprocess_dir / "passages_ids.npy")
+    return {int(query_ids[q]): doc_ids[docs].tolist() for q, docs in load_rank(rank_path).items()}
+
+
+def released_ranking(path: Path, task: str) -> dict[int, list[int]]:
+    """A released rank file (official ids, ``qid pid rank`` or TREC) as ``{qid: [docid, ...]}`` by rank."""
+    ranked: dict[int, list[tuple[int, int]]] = {}
+    for _, qid, docid, rank, _ in iter_run(path, ids="doc" if task == "doc" else "int", trec_ranks=True):
+        ranked.setdefault(qid, []).append((rank, docid))
+    return {qid: [docid for _, docid in sorted(pairs)] for qid, pairs in ranked.items()}
+
+
+def top_overlap(ours: dict[int, list[int]], theirs: dict[int, list[int]], path: Path) -> dict[str, float]:
+    """``queries`` (those both rank) and the mean ``top{k}`` overlap |ours[:k] ∩ theirs[:k]| / k, for each k of
+    :data:`OVERLAP_DEPTHS`."""
+    common = sorted(ours.keys() & theirs.keys())
+    if not common:
+        raise InputError("no query in common with our rank file", path=path)
+    out: dict[str, float] = {"queries": len(common)}
+    for k in OVERLAP_DEPTHS:
+        out[f"top{k}"] = sum(len(set(ours[q][:k]) & set(theirs[q][:k])) for q in common) / (k * len(common))
+    return out
+
+
+def compare_released_runs(root: Path, runs_dir: Path, preprocess_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """``{key: {split: top_overlap(...) or {"error": message}}}`` for each released rank file beside one of ours."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in TABLE_KEYS:
+        for split in OVERLAP_SPLITS:
+            theirs, ours = runs_dir / key / f"{split}.rank.tsv", rank_dir(root, key) / f"{split}.rank.tsv"
+            if not (theirs.is_file() and ours.is_file()):
+                continue
+            try:
+                figures = top_overlap(official_ranking(ours, preprocess_dir, split), released_ranking(theirs, task),
+                                      theirs)
+            except InputError as e:
+                figures = {"error": str(e)}
+            out.setdefault(key, {})[split] = figures
+    return out
+
+
+def overlap_lines(overlaps: dict[str, dict[str, Any]]) -> str:
+    lines = ["Released rank files, top-k overlap with ours:"]
+    for key, splits in overlaps.items():
+        for split, f in splits.items():
+            figures = (f"not compared: {f['error']}" if "error" in f else f"{f['queries']} queries, "
+                       + ", ".join(f"top-{k} {f[f'top{k}']:.3f}" for k in OVERLAP_DEPTHS))
+            lines.append(f"- {NAMES[key]} {split}: {figures}")
+    return "\n".join(lines) + "\n"
+
+
+# ==============================================================================================================
 # Dev curves: every saved checkpoint on dev
 # ==============================================================================================================
 
@@ -151,11 +289,11 @@ class CheckpointScorer:
     """Dev MRR of one checkpoint: encode (retrieve_utils, torch imported only here), search, write the rank file
     into ``work`` and score it; the embedding memmaps are deleted afterwards."""
 
-    def __init__(self, root: Path, work: Path, task: str, query_length: int, adore_query_length: int,
-                 doc_length: int, batch_size: int, no_cuda: bool):
+    def __init__(self, root: Path, preprocess_dir: Path, work: Path, task: str, query_length: int,
+                 adore_query_length: int, doc_length: int, batch_size: int, no_cuda: bool):
         import retrieve_utils as ru
 
-        self.ru, self.root, self.work, self.depth = ru, root, work, mrr_depth(task)
+        self.ru, self.root, self.pre, self.work, self.depth = ru, root, preprocess_dir, work, mrr_depth(task)
         self.query_length, self.adore_query_length, self.doc_length = query_length, adore_query_length, doc_length
         self.batch_size, self.device = batch_size, ru.inference_device(no_cuda)
 
@@ -165,7 +303,7 @@ class CheckpointScorer:
         from infra.embedding_memmap import corpus_rows, open_embeddings
         from infra.exact_search import exact_search, write_rank_file
 
-        ru, pre = self.ru, self.root / "preprocess"
+        ru, pre = self.ru, self.pre
         out = self.work / key / checkpoint.name
         model, model_id, pad = ru.load_encoder(checkpoint)
         common = dict(batch_size=self.batch_size, device=self.device, pad_token_id=pad, overwrite=True)
@@ -295,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="passage: Dev MRR@10; doc: Dev MRR@100 (default %(default)s)")
     parser.add_argument("--title", default=None, help="first header cell of the table (default: the task)")
     parser.add_argument("--out_dir", default=None, help="output folder (default ROOT/results)")
+    parser.add_argument("--preprocess_dir", default=None,
+                        help="folder of the qrels (default ROOT/preprocess)")
+    parser.add_argument("--published", default=None, metavar="TSV",
+                        help="released-models table (bash download_data.sh --published): our figures beside the "
+                             "published ones")
+    parser.add_argument("--released_runs", default=None, metavar="DIR",
+                        help="released rank files (DIR/KEY/{dev,test}.rank.tsv, download_data.sh runs): top-k "
+                             "overlap with ours")
+    parser.add_argument("--tolerance", type=ct.non_negative_float, default=TOLERANCE,
+                        help="--published: flag a row more than this away (default %(default)s)")
     parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
                         help="evaluate every checkpoint of these models on dev for the curves: "
                              f"{', '.join(TABLE_KEYS)}")
@@ -313,18 +461,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     root = Path(args.root)
-    if not (root / "preprocess" / "dev-qrel.tsv").is_file():
-        raise InputError("no preprocess/dev-qrel.tsv under --root: not a reproduce.sh task folder", path=root)
+    preprocess_dir = Path(args.preprocess_dir or root / "preprocess")
+    if not (preprocess_dir / "dev-qrel.tsv").is_file():
+        raise InputError("no dev-qrel.tsv in the preprocess folder (--root: a reproduce.sh task folder)",
+                         path=preprocess_dir)
+    published = read_published(require_file(args.published, "--published table"), args.task) \
+        if args.published else None
     out = Path(args.out_dir or root / "results")
-    rows = gather(root, args.task)
+    rows = gather(root, args.task, preprocess_dir)
     if not rows:
         raise InputError("no rank files found (evaluate/*/dev.rank.tsv)", path=root)
     comparisons = compare(rows)
-    table = markdown_table(rows, args.task, args.title or args.task)
+    title = args.title or args.task
+    against_paper = compare_published(rows, published, args.tolerance) if published is not None else None
+    table = (markdown_table(rows, args.task, title) if against_paper is None
+             else published_table(rows, against_paper, args.task, title, args.tolerance))
     text = table + ("\n" + comparison_lines(comparisons) if comparisons else "")
+    overlaps = (compare_released_runs(root, Path(args.released_runs), preprocess_dir, args.task)
+                if args.released_runs else {})
+    if overlaps:
+        text += "\n" + overlap_lines(overlaps)
 
-    make_scorer = functools.partial(CheckpointScorer, root, out / "curves", args.task, args.query_length,
-                                    args.adore_query_length, args.doc_length, args.batch_size, args.no_cuda)
+    make_scorer = functools.partial(CheckpointScorer, root, preprocess_dir, out / "curves", args.task,
+                                    args.query_length, args.adore_query_length, args.doc_length, args.batch_size,
+                                    args.no_cuda)
     curves = evaluate_curves(root, args.curves, rows, out / "curves.json", make_scorer)
     losses = {key: read_loss(training_folder(root, key) / "log") for key in TABLE_KEYS}
     plotted = plot_curves(losses, curves, mrr_depth(args.task), out / "curves.png")
@@ -333,6 +493,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               "dev_mrr_curves": {NAMES[k]: v for k, v in curves.items()},
               "loss_curves": {NAMES[k]: v for k, v in losses.items() if v},
               "plot": str(out / "curves.png") if plotted else None}
+    if against_paper is not None:
+        result["published"] = {NAMES[k]: v for k, v in against_paper.items()}
+    if overlaps:
+        result["released_runs"] = {NAMES[k]: v for k, v in overlaps.items()}
     atomic_write_text(out / "results.md", text)
     atomic_write_json(out / "results.json", result)
     print(text, end="")

@@ -37,5 +37,6 @@ setup(
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "test": ["pytest>=7", "ir-measures>=0.3"],
         "plot": ["matplotlib>=3.5"],
+        "download": ["gdown>=5.2"],   # download_data.sh warmup / models / runs (Google Drive)
     },
 )

@@ -73,6 +73,7 @@ BAD = [
     ("msmarco_eval", "--max_rank", "0"), ("msmarco_eval", "--rel_threshold", "1.5"), ("msmarco_eval", "mode", "0"),
     ("results_table", "--query_length", "0"), ("results_table", "--adore_query_length", "0"),
     ("results_table", "--doc_length", "0"), ("results_table", "--batch_size", "-1"),
+    ("results_table", "--tolerance", "-0.1"),
     ("export_sentence_transformers", "--max_seq_length", "1"),
     *((cli, flag, value) for cli in TRAINERS for flag, value in SHARED_TRAINING),
     *((cli, flag, value) for cli in SEARCHERS for flag, value in SHARED_SEARCH),
