@@ -241,7 +241,12 @@ def top_overlap(ours: dict[int, list[int]], theirs: dict[int, list[int]], path: 
 
 
 def compare_released_runs(root: Path, runs_dir: Path, preprocess_dir: Path, task: str) -> dict[str, dict[str, Any]]:
-    """``{key: {split: top_overlap(...) or {"error": message}}}`` for each released rank file beside one of ours."""
+    """``{key: {split: top_overlap(...) or {"error": message}}}`` for each released rank file beside one of ours.
+
+    For each ``runs_dir/KEY/{dev,test}.rank.tsv`` (what ``download_data.sh runs`` fetches) beside our rank file of
+    the same split: the mean top-10 and top-100 overlap (|ours ∩ theirs| / k per query, over the queries both
+    rank).  Theirs are read in official ids (``qid pid rank`` or a TREC run, doc ids with their ``D``); ours are
+    mapped to official ids through the preprocess id maps; a file that cannot be read so is reported, not fatal."""
     out: dict[str, dict[str, Any]] = {}
     for key in TABLE_KEYS:
         for split in OVERLAP_SPLITS:
