@@ -66,6 +66,7 @@ from infra import beir_input
 from infra import cli_types as ct
 from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
+from infra.run_lock import output_lock
 
 log = logging.getLogger("preprocess")
 
@@ -699,19 +700,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     kind = KIND[args.data_type]
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    counts = preprocess(
-        data_dir=args.data_dir or f"./data/{kind}/dataset",
-        out_dir=args.out_dir or f"./data/{kind}/preprocess",
-        data_type=args.data_type,
-        tokenizer=tokenizer,
-        max_seq_length=fit_model_length(tokenizer, "max_seq_length", args.max_seq_length),
-        max_query_length=fit_model_length(tokenizer, "max_query_length", args.max_query_length),
-        max_doc_character=args.max_doc_character,
-        overwrite=args.overwrite,
-        threads=ct.at_most_cpus(args.threads, "--threads"),
-        input_format=args.input_format,
-    )
+    out_dir = args.out_dir or f"./data/{kind}/preprocess"
+    with output_lock(out_dir):
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        counts = preprocess(
+            data_dir=args.data_dir or f"./data/{kind}/dataset",
+            out_dir=out_dir,
+            data_type=args.data_type,
+            tokenizer=tokenizer,
+            max_seq_length=fit_model_length(tokenizer, "max_seq_length", args.max_seq_length),
+            max_query_length=fit_model_length(tokenizer, "max_query_length", args.max_query_length),
+            max_doc_character=args.max_doc_character,
+            overwrite=args.overwrite,
+            threads=ct.at_most_cpus(args.threads, "--threads"),
+            input_format=args.input_format,
+        )
     print(" ".join(f"{name}={n}" for name, n in counts.items()))
     return 0
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from infra import cli_types as ct
 from infra.checkpoint_paths import checkpoint_step, list_checkpoints
 from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, run_cli
+from infra.run_lock import output_lock
 from msmarco_eval import evaluate_files
 
 TRAINERS = ("inbatch", "rand", "star")
@@ -302,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     root = Path(args.root)
+    with output_lock(args.out_dir or root / "results"):
+        return tabulate(args, root)
+
+
+def tabulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Gather the metrics, score the curves, write and print the table, as ``args`` say."""
     if not (root / "preprocess" / "dev-qrel.tsv").is_file():
         raise InputError("no preprocess/dev-qrel.tsv under --root: not a reproduce.sh task folder", path=root)
     out = Path(args.out_dir or root / "results")

@@ -25,6 +25,7 @@ import retrieve_utils as ru
 from infra.embedding_memmap import corpus_rows, open_embeddings
 from infra.distributed import cleanup_distributed
 from infra.io import configure_logging, env_int, refuse_existing, run_cli
+from infra.run_lock import output_lock
 from preprocess import SPLIT_NAMES
 
 
@@ -49,8 +50,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     configure_logging(env_int("RANK", 0) == 0)
     output_dir = Path(args.output_dir)
     rank_path = output_dir / f"{args.mode}.rank.tsv"
-    refuse_existing(rank_path, args.overwrite)
+    with output_lock(output_dir):
+        refuse_existing(rank_path, args.overwrite)
+        infer(args, output_dir, rank_path)
 
+
+def infer(args: argparse.Namespace, output_dir: Path, rank_path: Path) -> None:
+    """Encode the queries and rank the corpus, as ``args`` say (under torchrun: this process's part)."""
     model, model_id, pad = ru.load_encoder(args.model_dir, allow_pickle=args.allow_pickle)
     docs = open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,
                               n_rows=corpus_rows(args.preprocess_dir))

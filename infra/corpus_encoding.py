@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from infra.embedding_memmap import MANIFEST_FORMAT, iter_row_blocks, manifest_mismatch, manifest_path, read_manifest
 from infra.encoding_plan import batch_bounds, encoding_order, flush_points, shard_positions
-from infra.io import InputError, PathLike, atomic_output, atomic_write_json
+from infra.io import InputError, PathLike, atomic_output, atomic_write_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, ov
     # The manifest first: a crash before the file exists leaves a manifest that a new run simply replaces.
     atomic_write_json(manifest_path(path), manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.truncate(identity["n_rows"] * identity["dim"] * 4)
     return manifest
 

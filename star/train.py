@@ -45,6 +45,7 @@ from model import load_init_model
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
 from infra.io import InputError, atomic_write_json, configure_logging, require_file, run_cli
+from infra.run_lock import output_lock
 from model import inbatch_loss, randneg_loss, star_loss
 from model import DenseEncoder
 
@@ -357,7 +358,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
     validate_args(args)
-    return train(args)
+    with output_lock(args.output_dir):
+        return train(args)
 
 
 if __name__ == "__main__":
