@@ -632,8 +632,8 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
-    validate_args(args)
     with output_lock(args.model_save_dir):
+        validate_args(args)
         return train(args)
 
 

@@ -357,8 +357,8 @@ def last_step(args: argparse.Namespace, plan: TrainingPlan) -> int:
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
-    validate_args(args)
     with output_lock(args.output_dir):
+        validate_args(args)
         return train(args)
 
 
