@@ -233,3 +233,18 @@ def test_torchrun_job_into_a_busy_folder_never_runs(tmp_path):
     assert refusals == [f"error: {out}: another run is writing here: pid {holder.pid} on host "
                         f"{socket.gethostname()}; wait for it to end or choose another output"], result.stderr[-3000:]
     assert not out.exists()
+
+
+def test_second_reproduce_sh_on_a_task_folder_is_refused_before_any_stage(tmp_path):
+    """reproduce.sh holds its task folder (ROOT = DATA/sample/passage) with the same lock file and record."""
+    root = tmp_path / "sample" / "passage"
+    holder = hold(root)
+    try:
+        result = subprocess.run(["bash", "reproduce.sh", "sample"], cwd=REPO, env={**ENV, "DATA": str(tmp_path)},
+                                capture_output=True, text=True, timeout=120)
+        written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    finally:
+        stop(holder)
+    assert_one_error(result, str(root), "another run is writing here", f"pid {holder.pid} on host")
+    assert "===" not in result.stdout  # no stage started
+    assert written == ["sample", "sample/.passage.lock"]  # the holder's lock, nothing else
