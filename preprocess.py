@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from infra import beir_input
 from infra import cli_types as ct
-from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
+from infra.io import (InputError, PathLike, atomic_output, check_written, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
 from infra.run_lock import output_lock
 
@@ -504,6 +504,7 @@ class OutputStage:
     def npy(self, name: str, values: np.ndarray) -> None:
         with open(self.path(name), "wb") as f:
             np.save(f, values)
+            check_written(f, self.out_dir / name)
 
     def text(self, name: str, text: str) -> None:
         with open(self.path(name), "w", encoding="utf-8", newline="\n") as f:
@@ -529,6 +530,7 @@ def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n:
             block.tofile(f)
             filled += len(contents)
             bar.update(len(contents))
+        check_written(f, stage.out_dir / f"{prefix}.memmap")
     if filled != n:
         raise InputError(f"read {filled} texts but expected {n} (did the file change while running?)", path=source)
     stage.npy(f"{prefix}_length.npy", lengths)

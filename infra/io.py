@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -231,6 +231,15 @@ def atomic_save_npy(path: PathLike, array: Any) -> None:
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+            check_written(f, path)
+
+
+def check_written(f: BinaryIO, path: PathLike) -> None:
+    """Raise an :class:`OSError` naming ``path`` when the open file ``f`` is shorter than what was written into it:
+    numpy's ``tofile`` (which ``np.save`` uses) ignores a write cut short by a full disk or a size limit."""
+    f.flush()
+    if os.fstat(f.fileno()).st_size < f.tell():
+        raise OSError(errno.ENOSPC, "no room to write it (a write was cut short); free space and rerun", str(path))
 
 
 def refuse_existing(path: PathLike, overwrite: bool, flag: str = "--overwrite") -> None:

@@ -3,7 +3,7 @@
 The lock is ``fcntl.flock`` on a small file next to the output, ``PARENT/.NAME.lock`` (inside the folder, as
 ``NAME/.run.lock``, where the parent is not writable), deleted when the run ends (a killed run leaves it; the next
 run takes it over).  Its holder writes a record into it — pid,
-host, torchrun job id (``TORCHELASTIC_RUN_ID``), the command line, the start time — which a refused run names in
+host, torchrun job id (``TORCHELASTIC_RUN_ID``), the start time — which a refused run names in
 its one ``error:`` line.  What it guarantees:
 
 * A second run into the same output, started while the first runs, is refused at once (:class:`InputError`, exit
@@ -31,12 +31,11 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
-from infra.io import InputError, PathLike, env_int
+from infra.io import InputError, PathLike, env_int, writing
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +63,7 @@ def job_id() -> Optional[str]:
 
 
 def _record() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id(), "started": time.strftime("%c"),
-            "command": " ".join(sys.argv)}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id(), "started": time.strftime("%c")}
 
 
 def _read_record(handle: IO[str]) -> dict:
@@ -77,11 +75,12 @@ def _read_record(handle: IO[str]) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _write_record(handle: IO[str]) -> None:
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps(_record()))
-    handle.flush()
+def _write_record(handle: IO[str], path: Path) -> None:
+    with writing(path):
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(_record()))
+        handle.flush()
 
 
 def _process_gone(record: dict) -> bool:
@@ -174,7 +173,7 @@ def _held(output: Path, path: Path, shared: bool) -> Iterator[None]:
         if previous.get("host") not in (None, socket.gethostname()) and not shared:
             logger.warning("%s names a run on host %s that did not release it: if that run still writes into %s, "
                            "this file system does not share locks between hosts", path, previous["host"], output)
-        _write_record(handle)
+        _write_record(handle, path)
         yield
     finally:
         _release(handle, path)
