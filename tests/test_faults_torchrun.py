@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (ENV, REPO, load_weights, make_encoder_inputs, make_star_data, run_cli, star_cli_args,
-                     star_inference_args, torchrun_args, tree_hash)
+from helpers import (ENV, REPO, kill_rank_script, load_weights, make_encoder_inputs, make_star_data, run_cli,
+                     star_cli_args, star_inference_args, torchrun_args, tree_hash)
 
 pytestmark = pytest.mark.slow
 
@@ -73,27 +73,9 @@ def star_reference(tmp_path_factory):
     return data, straight
 
 
-KILL_RANK_AFTER_CHECKPOINT = r"""
-import os, signal, sys
-sys.path.insert(0, os.getcwd())  # the repository root
-from infra import training_loop
-from star import train as star_train
-from infra.io import run_cli
-step, real_save = int(sys.argv[1]), training_loop.TrainingRun.save
-def save(self):
-    path = real_save(self)  # every rank has passed the checkpoint's barrier: it is complete on disk
-    if os.environ["RANK"] == "1" and self.progress.global_step == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-training_loop.TrainingRun.save = save
-run_cli(star_train.main, sys.argv[2:], torchrun=True)
-"""
-
-
 def test_star_rank_killed_after_a_checkpoint_and_job_resumed_equals_uninterrupted(star_reference, tmp_path):
     data, straight = star_reference
-    script = tmp_path / "kill_rank.py"
-    script.write_text(KILL_RANK_AFTER_CHECKPOINT)
+    script = kill_rank_script(tmp_path, "star")
     out = tmp_path / "resumed"
     killed = torchrun((script,), ["3", *train_args(data, out)])
     assert killed.returncode != 0
