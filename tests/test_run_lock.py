@@ -158,6 +158,7 @@ def test_every_command_refuses_a_busy_output_before_reading_anything(tmp_path, c
     assert tree_hash(out, skip_tmp=False) == {"earlier.txt": tree_hash(out)["earlier.txt"]}
 
 
+@pytest.mark.slow
 def test_sharded_encoding_jobs_run_side_by_side_but_refuse_a_busy_shard(tmp_path):
     inputs = make_encoder_inputs(tmp_path / "in", n_docs=40)
     out = tmp_path / "out"
