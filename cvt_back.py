@@ -17,6 +17,7 @@ from typing import Optional, Union
 import numpy as np
 
 from infra.io import InputError, PathLike, atomic_output, refuse_existing, require_file, run_cli
+from infra.run_lock import output_lock
 from preprocess import SPLIT_NAMES
 from infra.run_file import iter_run, load_id_map
 
@@ -107,13 +108,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.trec and (not args.tag or any(c.isspace() for c in args.tag)):
         raise InputError("--tag must be one non-empty token without spaces", value=args.tag)
     out = output_path(args.output_dir, args.mode, args.trec)
-    refuse_existing(out, args.overwrite)
-    preprocess_dir = Path(args.preprocess_dir)
-    query_ids = load_id_map(preprocess_dir / f"{args.mode}-query_ids.npy")
-    doc_ids = load_id_map(preprocess_dir / "passages_ids.npy")
-    rank_path = Path(args.input_dir) / f"{args.mode}.rank.tsv"
-    lines = convert_rank_file(rank_path, out, query_ids, doc_ids, doc=args.dataset == "doc", trec=args.trec,
-                              tag=args.tag)
+    with output_lock(args.output_dir):
+        refuse_existing(out, args.overwrite)
+        preprocess_dir = Path(args.preprocess_dir)
+        query_ids = load_id_map(preprocess_dir / f"{args.mode}-query_ids.npy")
+        doc_ids = load_id_map(preprocess_dir / "passages_ids.npy")
+        rank_path = Path(args.input_dir) / f"{args.mode}.rank.tsv"
+        lines = convert_rank_file(rank_path, out, query_ids, doc_ids, doc=args.dataset == "doc", trec=args.trec,
+                                  tag=args.tag)
     print(f"wrote {lines} lines to {out}")
     return 0
 

@@ -21,6 +21,7 @@ depends only on (seed, epoch, index): not on the DataLoader worker, the process,
 from __future__ import annotations
 
 import operator
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -75,16 +76,27 @@ class TokenIdsCache:
             raise InputError(f"size does not match {meta_path.name} ({n} x {width} x {self.dtype.itemsize} = "
                              f"{expected} bytes)", path=self.path, value=actual)
         self.max_length = width
+        self.size = expected
         self.lengths = _read_lengths(require_file(folder / f"{prefix}_length.npy", "token length file"), n, width)
         self._open()
 
     def _open(self) -> None:
         n = len(self.lengths)
         self.ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n, self.max_length))
+        self._file = open(self.path, "rb")  # noqa: SIM115 - held for check_intact's fstat, closed with the object
+
+    def check_intact(self) -> None:
+        """Raise :class:`InputError` naming the file if another process cut it short since it was opened: reading
+        a page of a memmap past the file's end would end the process with SIGBUS.  Checked before each read (one
+        fstat); a truncation during a read itself still ends the process so."""
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self.size:
+            raise InputError(f"the file was cut short while being read (another process truncated it?); "
+                             f"{self.size} bytes expected", path=self.path, value=size)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["ids"]
+        del state["ids"], state["_file"]
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -96,6 +108,7 @@ class TokenIdsCache:
 
     def __getitem__(self, index: int) -> np.ndarray:
         i = _check_index(index, len(self))
+        self.check_intact()
         return np.array(self.ids[i, : self.lengths[i]], dtype=np.int32)
 
 
@@ -163,6 +176,7 @@ class SequenceDataset(Dataset):
         lengths = self.lengths[indices].astype(np.int64)
         width = int(lengths.max(initial=0))
         ascending = np.sort(offsets)  # one forward pass over the file
+        self.cache.check_intact()
         rows = np.asarray(self.cache.ids[ascending], dtype=np.int64)[np.searchsorted(ascending, offsets)]
         stored = self.cache.lengths[offsets].astype(np.int64)
         input_ids = rows[:, :width].copy()

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from infra import beir_input
 from infra import cli_types as ct
-from infra.io import (InputError, PathLike, atomic_output, iter_lines, parse_int, refuse_existing,
+from infra.io import (InputError, PathLike, atomic_output, check_written, iter_lines, parse_int, refuse_existing,
                       require_file, run_cli)
 from infra.model_folder import length_or_folder_default, load_local_tokenizer, read_folder_settings
 from infra.preprocess_meta import META_NAME, Prefixes, meta_record
+from infra.run_lock import output_lock
 
 log = logging.getLogger("preprocess")
 
@@ -469,6 +470,7 @@ class OutputStage:
     def npy(self, name: str, values: np.ndarray) -> None:
         with open(self.path(name), "wb") as f:
             np.save(f, values)
+            check_written(f, self.out_dir / name)
 
     def text(self, name: str, text: str) -> None:
         with open(self.path(name), "w", encoding="utf-8", newline="\n") as f:
@@ -494,6 +496,7 @@ def write_token_matrix(stage: OutputStage, prefix: str, texts: Iterable[str], n:
             block.tofile(f)
             filled += len(contents)
             bar.update(len(contents))
+        check_written(f, stage.out_dir / f"{prefix}.memmap")
     if filled != n:
         raise InputError(f"read {filled} texts but expected {n} (did the file change while running?)", path=source)
     stage.npy(f"{prefix}_length.npy", lengths)
@@ -756,24 +759,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     kind = KIND[args.data_type]
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    folder = args.model_name_or_path
-    max_seq_length = length_or_folder_default(args.max_seq_length, folder, MAX_SEQ_LENGTH, "--max_seq_length")
-    max_query_length = length_or_folder_default(args.max_query_length, folder, MAX_QUERY_LENGTH,
-                                                "--max_query_length")
-    counts = preprocess(
-        data_dir=args.data_dir or f"./data/{kind}/dataset",
-        out_dir=args.out_dir or f"./data/{kind}/preprocess",
-        data_type=args.data_type,
-        tokenizer=tokenizer,
-        max_seq_length=fit_model_length(tokenizer, "max_seq_length", max_seq_length),
-        max_query_length=fit_model_length(tokenizer, "max_query_length", max_query_length),
-        max_doc_character=args.max_doc_character,
-        overwrite=args.overwrite,
-        threads=ct.at_most_cpus(args.threads, "--threads"),
-        input_format=args.input_format,
-        prefixes=resolve_prefixes(args.query_prefix, args.doc_prefix, folder),
-    )
+    out_dir = args.out_dir or f"./data/{kind}/preprocess"
+    with output_lock(out_dir):
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        folder = args.model_name_or_path
+        max_seq_length = length_or_folder_default(args.max_seq_length, folder, MAX_SEQ_LENGTH, "--max_seq_length")
+        max_query_length = length_or_folder_default(args.max_query_length, folder, MAX_QUERY_LENGTH,
+                                                    "--max_query_length")
+        counts = preprocess(
+            data_dir=args.data_dir or f"./data/{kind}/dataset",
+            out_dir=out_dir,
+            data_type=args.data_type,
+            tokenizer=tokenizer,
+            max_seq_length=fit_model_length(tokenizer, "max_seq_length", max_seq_length),
+            max_query_length=fit_model_length(tokenizer, "max_query_length", max_query_length),
+            max_doc_character=args.max_doc_character,
+            overwrite=args.overwrite,
+            threads=ct.at_most_cpus(args.threads, "--threads"),
+            input_format=args.input_format,
+            prefixes=resolve_prefixes(args.query_prefix, args.doc_prefix, folder),
+        )
     print(" ".join(f"{name}={n}" for name, n in counts.items()))
     return 0
 

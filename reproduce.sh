@@ -143,6 +143,21 @@ if [[ $SAMPLE == 0 && $DEVICE != cpu && ${FP16:-1} == 1 ]] \
   AMP_ARGS=(--fp16 --gradient_checkpointing)
 fi
 
+# One run per task folder (issue #22; infra/run_lock.py's lock file and record): a second reproduce.sh on ROOT
+# started while one runs is refused before any stage; the kernel drops the lock when this shell and the stages it
+# started have ended, however they end.
+if command -v flock >/dev/null; then
+  mkdir -p "$(dirname "$ROOT")"
+  RUN_LOCK=$(dirname "$ROOT")/.$(basename "$ROOT").lock
+  exec 9>>"$RUN_LOCK"
+  if ! flock -n 9; then
+    holder=$(sed -E 's/.*"pid": ([0-9]+), "host": "([^"]*)".*/pid \1 on host \2/' "$RUN_LOCK")
+    echo "error: $ROOT: another run is writing here: ${holder:-unknown}; wait for it to end" >&2
+    exit 2
+  fi
+  printf '{"pid": %d, "host": "%s", "job": null, "command": "reproduce.sh %s"}' $$ "$(hostname)" "$TASK" > "$RUN_LOCK"
+fi
+
 # ------------------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------------------

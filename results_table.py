@@ -22,6 +22,7 @@ from infra import cli_types as ct
 from infra.checkpoint_paths import checkpoint_step, list_checkpoints
 from infra.io import InputError, PathLike, atomic_write_json, atomic_write_text, require_file, run_cli
 from infra.run_file import iter_run, load_id_map
+from infra.run_lock import output_lock
 from msmarco_eval import evaluate_files
 
 TRAINERS = ("inbatch", "rand", "star")
@@ -466,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     root = Path(args.root)
+    with output_lock(args.out_dir or root / "results"):
+        return tabulate(args, root)
+
+
+def tabulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Gather the metrics, score the curves, write and print the table, as ``args`` say."""
     preprocess_dir = Path(args.preprocess_dir or root / "preprocess")
     if not (preprocess_dir / "dev-qrel.tsv").is_file():
         raise InputError("no dev-qrel.tsv in the preprocess folder (--root: a reproduce.sh task folder)",

@@ -1,6 +1,6 @@
-"""What the inference drivers share (the role of the original's retrieve_utils.py) (``star/inference.py``, ``star/prepare_hardneg.py``,
-``adore/inference.py``): their flags, loading an encoder, where each process works, encoding the preprocessed
-splits and ranking the corpus for every query into a rank file.
+"""What the inference drivers share (``star/inference.py``, ``star/prepare_hardneg.py``, ``adore/inference.py``;
+the role of the original's retrieve_utils.py): their flags, loading an encoder, where each process works, encoding
+the preprocessed splits and ranking the corpus for every query into a rank file.
 
 Processes
 ---------
@@ -30,7 +30,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from infra import cli_types as ct
-from infra.exact_search import add_search_args, exact_search, faiss_gpu_count, merge_topk, shard_rows, write_rank_file  # faiss before torch (JPQ PR #2)
+# faiss before torch (JPQ PR #2)
+from infra.exact_search import (add_search_args, exact_search, faiss_gpu_count, merge_topk, shard_rows,
+                                write_rank_file)
 
 import torch
 import torch.distributed as dist

@@ -26,6 +26,7 @@ from infra.embedding_memmap import corpus_rows, open_embeddings
 from infra.distributed import cleanup_distributed
 from infra.io import configure_logging, env_int, refuse_existing, run_cli
 from infra.model_folder import length_or_folder_default
+from infra.run_lock import output_lock
 from preprocess import SPLIT_NAMES
 
 QUERY_LENGTH = 64  # the original's query truncation, for a model folder that declares no length
@@ -55,8 +56,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     configure_logging(env_int("RANK", 0) == 0)
     output_dir = Path(args.output_dir)
     rank_path = output_dir / f"{args.mode}.rank.tsv"
-    refuse_existing(rank_path, args.overwrite)
+    with output_lock(output_dir):
+        refuse_existing(rank_path, args.overwrite)
+        infer(args, output_dir, rank_path)
 
+
+def infer(args: argparse.Namespace, output_dir: Path, rank_path: Path) -> None:
+    """Encode the queries and rank the corpus, as ``args`` say (under torchrun: this process's part)."""
     model, model_id, pad = ru.load_encoder(args.model_dir, args.allow_pickle, args.preprocess_dir, sides=("query",))
     max_seq_length = length_or_folder_default(args.max_seq_length, args.model_dir, QUERY_LENGTH, "--max_seq_length")
     docs = open_embeddings(args.dmemmap_path, dim=model.output_dim, check_finite=args.check_finite,

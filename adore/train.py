@@ -42,6 +42,7 @@ from model import load_init_model
 from dataset import QueryCollator, TokenIdsCache, TrainQueryDataset, load_rel
 from infra.exact_search import shard_rows
 from infra.io import InputError, atomic_directory, atomic_write_json, configure_logging, env_int, require_file, run_cli
+from infra.run_lock import output_lock
 from model import adore_batch_loss
 from model import DenseEncoder
 
@@ -562,8 +563,9 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
-    validate_args(args)
-    return train(args)
+    with output_lock(args.model_save_dir):
+        validate_args(args)
+        return train(args)
 
 
 if __name__ == "__main__":

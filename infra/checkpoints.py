@@ -7,7 +7,8 @@ folder and renamed into place; :func:`load_checkpoint` restores it, or refuses a
 restoring anything (:func:`damaged_checkpoint`).  The RNG states (:func:`get_rng_state` /
 :func:`set_rng_state`, after :func:`set_seed`) are part of it, so dropout continues as if never stopped.
 :func:`prepare_output_dir` applies the run folder's rules (non-empty, ``--overwrite_output_dir``, ``--resume``) and
-:func:`checkpoint_to_resume` picks the checkpoint ``--resume`` continues from (``infra/checkpoint_paths.py`` finds them).
+:func:`checkpoint_to_resume` picks the checkpoint ``--resume`` continues from (``infra/checkpoint_paths.py`` finds
+them).
 """
 from __future__ import annotations
 

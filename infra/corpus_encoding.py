@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from infra.embedding_memmap import MANIFEST_FORMAT, iter_row_blocks, manifest_mismatch, manifest_path, read_manifest
 from infra.encoding_plan import batch_bounds, encoding_order, flush_points, shard_positions
-from infra.io import InputError, PathLike, atomic_output, atomic_write_json
+from infra.io import InputError, PathLike, atomic_output, atomic_write_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def _open_or_start(path: Path, identity: dict, block_rows: int, resume: bool, ov
     # The manifest first: a crash before the file exists leaves a manifest that a new run simply replaces.
     atomic_write_json(manifest_path(path), manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.truncate(identity["n_rows"] * identity["dim"] * 4)
     return manifest
 
@@ -373,7 +373,8 @@ def _encode_blocks(job: _EncodeJob) -> None:
     manifest = job.manifest
     total, done = job.end - job.first, manifest["completed_rows"]
     flushes = flush_points(job.bounds, manifest["block_rows"])
-    loader = DataLoader(_BatchReader(job.dataset, job.settings.pad_token_id), sampler=_PlannedBatches(job.order, job.bounds),
+    loader = DataLoader(_BatchReader(job.dataset, job.settings.pad_token_id),
+                        sampler=_PlannedBatches(job.order, job.bounds),
                         batch_size=None, num_workers=job.settings.num_workers, pin_memory=job.device.type == "cuda")
     runner, was_training = _prepare_model(job.model, job.device, job.rows_are_offsets)
     # DataParallel replicates modules with autograd-aware broadcasts; plain no_grad is the safe mode there.

@@ -10,18 +10,25 @@ Conventions
   only when complete (:func:`atomic_output`), so a crash never leaves a half-written file under the
   final name.  What a killed process leaves under such a name is deleted by the next run that writes the
   same output (:func:`remove_stale_temporaries`).
+* SIGTERM (what a scheduler sends at a job's time limit) ends a CLI like an error: the atomic writes under way
+  delete their temporaries, one ``terminated`` line is printed, and the exit status is 143 (128 + SIGTERM, the
+  status a shell reports for a process SIGTERM ended).  A rerun resumes (training: with ``--resume``).
+* A write that fails for want of room (full disk, quota, file size limit) is reported as one line naming the file
+  being written (:func:`atomic_output`, :func:`atomic_directory`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -135,6 +142,32 @@ def remove_stale_temporaries(folder: PathLike, prefix: str = "") -> list[Path]:
     return removed
 
 
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# how torch.save and safetensors report a failed write (RuntimeError / SafetensorError, no errno)
+_NO_ROOM_MESSAGES = ("file write failed", "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _no_room(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _NO_ROOM
+    return type(e).__name__ in ("RuntimeError", "SafetensorError") and any(m in str(e) for m in _NO_ROOM_MESSAGES)
+
+
+@contextlib.contextmanager
+def writing(path: PathLike) -> Iterator[None]:
+    """A failed write for want of room (full disk, quota, file size limit) inside the block becomes an
+    :class:`OSError` naming ``path``, which :func:`run_cli` reports as one line (the libraries' errors name no
+    file, or a temporary one)."""
+    try:
+        yield
+    except BaseException as e:
+        if not _no_room(e):
+            raise
+        code = e.errno if isinstance(e, OSError) else errno.ENOSPC
+        reason = os.strerror(code) if isinstance(e, OSError) else "the write failed"
+        raise OSError(code, f"no room to write it ({reason}); free space and rerun", str(path)) from None
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
@@ -146,7 +179,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     remove_stale_temporaries(final.parent, prefix=final.name + ".")
     tmp = _tmp_name(final)
     try:
-        yield tmp
+        with writing(final):
+            yield tmp
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -166,7 +200,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        yield tmp
+        with writing(final):
+            yield tmp
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         if final.exists():
             os.replace(final, old)
@@ -196,6 +231,15 @@ def atomic_save_npy(path: PathLike, array: Any) -> None:
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+            check_written(f, path)
+
+
+def check_written(f: BinaryIO, path: PathLike) -> None:
+    """Raise an :class:`OSError` naming ``path`` when the open file ``f`` is shorter than what was written into it:
+    numpy's ``tofile`` (which ``np.save`` uses) ignores a write cut short by a full disk or a size limit."""
+    f.flush()
+    if os.fstat(f.fileno()).st_size < f.tell():
+        raise OSError(errno.ENOSPC, "no room to write it (a write was cut short); free space and rerun", str(path))
 
 
 def refuse_existing(path: PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
@@ -246,8 +290,46 @@ def run_cli(main: Callable[..., Any], argv: Optional[list[str]] = None, torchrun
         raise SystemExit(status)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives (a ``BaseException``: no ``except Exception`` holds it up)."""
+
+
+TERMINATED_STATUS = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[list[bool]]:
+    """While the block runs, SIGTERM raises :class:`Terminated`; yields a flag list that is ``[True]`` once it came
+    (an error that follows it, e.g. a collective broken by another rank that ended, is part of the termination)."""
+    came: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not came:
+            came.append(True)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_main(main: Callable[..., Any], argv: Optional[list[str]], torchrun: bool) -> int:
-    """``main(argv)``'s exit status, user errors reported as one ``error:`` line (status 2)."""
+    """``main(argv)``'s exit status, user errors reported as one ``error:`` line (status 2), SIGTERM as one
+    ``terminated`` line (status 143)."""
+    with _sigterm_raises() as terminated:
+        try:
+            return _run_reporting_errors(main, argv, torchrun)
+        except BaseException:
+            if not terminated:
+                raise
+        print("terminated (SIGTERM): every output written so far is complete; rerun the command to go on "
+              "(training: with --resume)", file=sys.stderr)
+        return TERMINATED_STATUS
+
+
+def _run_reporting_errors(main: Callable[..., Any], argv: Optional[list[str]], torchrun: bool) -> int:
     try:
         if not torchrun:
             refuse_torchrun()

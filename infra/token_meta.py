@@ -16,8 +16,8 @@ class TokenMeta(NamedTuple):
 
 
 def read_token_meta(path: PathLike) -> TokenMeta:
-    """Read a ``{prefix}_meta`` file written by :func:`preprocess.write_token_matrix`; a field missing or out of range raises
-    :class:`InputError` naming the file and the field."""
+    """Read a ``{prefix}_meta`` file written by :func:`preprocess.write_token_matrix`; a field missing or out of
+    range raises :class:`InputError` naming the file and the field."""
     meta = read_json(path, "token meta file")
     try:
         dtype = np.dtype(meta.get("type"))

@@ -10,7 +10,8 @@ against the top-k that the current encoder retrieves from fixed document embeddi
   embeddings of given rows (gathered from the tensor, or from the read-only memmap as the original did).
 * :func:`build_training_index` — chooses the backend.
 
-Under torchrun each process builds one of these over its own rows only (adore/train.py, ``infra.distributed.sharded_topk``).
+Under torchrun each process builds one of these over its own rows only (adore/train.py,
+``infra.distributed.sharded_topk``).
 """
 from __future__ import annotations
 

@@ -85,8 +85,8 @@ def add_training_args(parser: argparse.ArgumentParser, flags: TrainerFlags) -> a
 
 def cap_training_args(args: argparse.Namespace, token_files: Mapping[str, Any]) -> None:
     """Size what the shared flags' ranges leave unbounded by the machine and the data: ``--dataloader_num_workers``
-    is capped at the CPUs (:func:`infra.cli_types.at_most_cpus`), and each token-length flag of ``token_files`` (its dest →
-    the ``dataset.TokenIdsCache`` it reads, e.g. ``{"max_doc_length": TokenIdsCache(dir, "passages")}``) at the
+    is capped at the CPUs (:func:`infra.cli_types.at_most_cpus`), and each token-length flag of ``token_files``
+    (its dest → the ``dataset.TokenIdsCache`` it reads, e.g. ``{"max_doc_length": TokenIdsCache(dir, "passages")}``) at the
     width that file stores: no sequence is longer, so a larger value would only widen the batches padded to full
     length (an absurd one would exhaust memory)."""
     args.dataloader_num_workers = ct.at_most_cpus(args.dataloader_num_workers, "--dataloader_num_workers")

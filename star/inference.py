@@ -24,6 +24,7 @@ import retrieve_utils as ru
 from infra import cli_types as ct
 from infra.distributed import cleanup_distributed
 from infra.io import configure_logging, env_int, refuse_existing, run_cli
+from infra.run_lock import output_lock
 from preprocess import SPLIT_NAMES
 
 
@@ -49,16 +50,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     preprocess_dir = Path(args.preprocess_dir or data / "preprocess")
     output_dir = Path(args.output_dir or data / "evaluate" / "star")
     rank_path = output_dir / f"{args.mode}.rank.tsv"
-    refuse_existing(rank_path, args.overwrite)
-    placement = ru.resolve_placement(args)
-    try:
-        encoded = ru.encode_queries_and_corpus(model_dir, preprocess_dir, args.mode, output_dir, args, placement)
-        if encoded is not None:
-            queries, passages = encoded
-            ru.rank_queries(passages, queries, args.topk, rank_path, placement, args.faiss_gpus, args.search_mem_gb,
-                            args.with_scores)
-    finally:
-        cleanup_distributed()
+    with output_lock(output_dir, shard=args.shard_id):
+        refuse_existing(rank_path, args.overwrite)
+        placement = ru.resolve_placement(args)
+        try:
+            encoded = ru.encode_queries_and_corpus(model_dir, preprocess_dir, args.mode, output_dir, args, placement)
+            if encoded is not None:
+                queries, passages = encoded
+                ru.rank_queries(passages, queries, args.topk, rank_path, placement, args.faiss_gpus,
+                                args.search_mem_gb, args.with_scores)
+        finally:
+            cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from dataset import TokenIdsCache, hardneg_qids_path, load_rel
 from infra.distributed import cleanup_distributed
 from infra.io import (InputError, PathLike, atomic_save_npy, atomic_write_json, configure_logging, env_int,
                       refuse_existing, refuse_torchrun, run_cli)
+from infra.run_lock import output_lock
 from preprocess import SPLIT_NAMES, IdIndex
 from infra.run_file import load_id_map, read_run_arrays
 
@@ -376,6 +377,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.warning("mining the %s queries: STAR training needs the train queries' negatives (--mode train; the "
                        "original README's --mode dev is a bug, DRhard issue #24)", args.mode)
     paths = resolve_paths(args)
+    with output_lock(paths.output_dir, shard=args.shard_id):
+        mine(args, paths)
+
+
+def mine(args: argparse.Namespace, paths: Paths) -> None:
+    """Select, complete and save the hard negatives, as ``args`` say (under torchrun: this process's part)."""
     for path in output_files(args, paths):
         refuse_existing(path, args.overwrite)
     corpus = TokenIdsCache(paths.preprocess_dir, "passages")

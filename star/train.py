@@ -37,6 +37,7 @@ from model import load_init_model
 from dataset import (HardNegatives, TokenIdsCache, TrainCollator, TrainInbatchDataset, TrainInbatchWithHardDataset,
                      TrainInbatchWithRandDataset, load_rel, not_relevant_mask)
 from infra.io import InputError, atomic_write_json, configure_logging, require_file, run_cli
+from infra.run_lock import output_lock
 from model import inbatch_loss, randneg_loss, star_loss
 from model import DenseEncoder
 
@@ -328,8 +329,9 @@ def last_step(args: argparse.Namespace, plan: TrainingPlan) -> int:
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     configure_logging(main_process=os.environ.get("RANK", "0") in ("", "0"))
-    validate_args(args)
-    return train(args)
+    with output_lock(args.output_dir):
+        validate_args(args)
+        return train(args)
 
 
 if __name__ == "__main__":

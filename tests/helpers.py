@@ -395,3 +395,28 @@ def torchrun_args(nproc: int, *command) -> list:
     other tests for a port chosen beforehand): pass them to :func:`run_cli`, which runs them from the repository
     root."""
     return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *map(str, command)]
+
+
+KILL_RANK_AFTER_CHECKPOINT = r"""
+import os, signal, sys
+sys.path.insert(0, os.getcwd())  # the repository root (a script's own folder is on the path, not the cwd)
+from infra import training_loop
+from infra.io import run_cli
+from PACKAGE import train as trainer
+step, real_save = int(sys.argv[1]), training_loop.TrainingRun.save
+def save(self):
+    path = real_save(self)  # every rank has passed the checkpoint's barrier: it is complete on disk
+    if os.environ["RANK"] == "1" and self.progress.global_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+training_loop.TrainingRun.save = save
+run_cli(trainer.main, sys.argv[2:], torchrun=True)
+"""
+
+
+def kill_rank_script(folder: Path, package: str) -> Path:
+    """A script ``STEP ARGS...`` that runs ``PACKAGE.train`` (star or adore) under torchrun and SIGKILLs rank 1
+    right after checkpoint-STEP is complete on disk."""
+    script = folder / f"kill_rank_{package}.py"
+    script.write_text(KILL_RANK_AFTER_CHECKPOINT.replace("PACKAGE", package))
+    return script

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (adore_cli_args, assert_one_error, load_weights, make_adore_sized_data, read_scalars, run_cli,
-                     torchrun_args, tree_hash)
+from helpers import (adore_cli_args, assert_one_error, kill_rank_script, load_weights, make_adore_sized_data,
+                     read_scalars, run_cli, torchrun_args, tree_hash)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -114,30 +114,12 @@ def test_three_processes_with_uneven_shards_and_batches_train_like_one_process(d
     assert_trains_like_one_process(data, out, tmp_path, 3)
 
 
-KILL_RANK_AFTER_CHECKPOINT = r"""
-import os, signal, sys
-sys.path.insert(0, os.getcwd())  # the repository root (a script's own folder is on the path, not the cwd)
-from infra import training_loop
-from adore import train as adore_train
-from infra.io import run_cli
-step, real_save = int(sys.argv[1]), training_loop.TrainingRun.save
-def save(self):
-    path = real_save(self)  # every rank has passed the checkpoint's barrier: it is complete on disk
-    if os.environ["RANK"] == "1" and self.progress.global_step == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-training_loop.TrainingRun.save = save
-run_cli(adore_train.main, sys.argv[2:], torchrun=True)
-"""
-
-
 @pytest.mark.slow
 def test_rank_killed_after_a_checkpoint_and_job_resumed_equals_uninterrupted(data, two_processes, tmp_path):
     """Rank 1 is SIGKILLed right after checkpoint-1 (mid-epoch); torchrun ends rank 0; the same job rerun with
     --resume ends with every checkpoint-<k> and epoch-<k> folder equal to the uninterrupted run's, bit for bit
     (model, optimizer, schedule, per-rank RNG states and data position restored)."""
-    script = tmp_path / "kill_rank.py"
-    script.write_text(KILL_RANK_AFTER_CHECKPOINT)
+    script = kill_rank_script(tmp_path, "adore")
     out = tmp_path / "resumed"
     args = train_args(data, out, 2)
     killed = torchrun(2, (script,), ["1", *args])
