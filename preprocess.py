@@ -31,7 +31,8 @@ name and renamed into place only when the whole run succeeded:
   With qrels, only the queries named in them are kept, in query-file order.
 
 BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl``, ``queries.jsonl``,
-``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being ``title<sep>text``, except
+``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being BEIR's
+``(title + " " + text).strip()`` (:func:`infra.beir_input.document_text`), except
 that the id maps keep the string ids and there are no pickles:
 
 * ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
@@ -592,7 +593,7 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
             refuse_existing(out_dir / name, overwrite)
         ids = beir_input.scan_corpus(data_dir)
         plans = [SplitPlan(*split) for split in beir_input.read_splits(data_dir, ids)]
-        texts = beir_input.corpus_texts(data_dir, ids, DOC_FIELD_SEP, max_doc_character)
+        texts = beir_input.corpus_texts(data_dir, ids, max_doc_character)
         return write_outputs(out_dir, faithful, ids, texts, data_dir / beir_input.CORPUS, plans, max_seq_length,
                              max_query_length, batch_size, threads, "tokenize corpus")
     collection = require_file(data_dir / COLLECTION[data_type], "collection")
