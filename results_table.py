@@ -19,6 +19,10 @@ column (and a ``dl20_ndcg10`` field) only when some model has a ``test2020.rank.
 (default ``ROOT/results``): ``results.md`` (the table, printed too), ``results.json`` (every number, the
 comparisons below and the curves), ``curves.png`` (skipped with a message when matplotlib is missing).
 
+A BEIR-layout collection (``--task beir``, reproduce.sh's ``beir`` task): the first row is the initial model
+zero-shot (its rank files in ``warmup_retrieve/``), and each split of ``dev`` and ``test`` that has qrels gets
+nDCG@10, R@100 and MRR@10 (the BEIR figures); ``--curves`` then need the dev split.
+
 Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
 metric is at least as good (``results.json["comparisons"]``, also listed under the table).
 
@@ -49,16 +53,29 @@ NAMES = {"warmup": "Warm-up", "inbatch": "Inbatch-Neg", "rand": "Rand-Neg", "sta
          "adore-inbatch": "ADORE(Inbatch-Neg)", "adore-rand": "ADORE(Rand-Neg)", "adore-star": "ADORE(STAR)"}
 TABLE_KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-star")
 COMPARISONS = (("adore-inbatch", "inbatch"), ("adore-rand", "rand"), ("adore-star", "star"), ("star", "inbatch"))
+BEIR_COMPARISONS = (("inbatch", "warmup"), ("rand", "warmup"), ("star", "warmup"), ("star", "rand"))
+BEIR_METRICS = {"nDCG@10": "ndcg10", "R@100": "r100", "MRR@10": "mrr"}   # metric -> field suffix, per split
 LOSS_TAGS = ("loss", "train/all_loss")   # star/train.py, adore/train.py
 SEARCH_DEPTH = 100
 NDCG_SPLITS = {"test": "test_ndcg10", "test2020": "dl20_ndcg10"}  # NDCG@10 field of TREC DL 2019 (test) and DL 2020
 COLUMNS = {"dev_mrr": "Dev MRR@{depth}", "dev_r100": "Dev R@100", "test_ndcg10": "Test NDCG@10",
            "dl20_ndcg10": "DL20 NDCG@10"}   # table header of each field present
+BEIR_COLUMNS = {f"{split}_{suffix}": f"{split.capitalize()} {metric}"
+                for split in ("dev", "test") for metric, suffix in BEIR_METRICS.items()}
 
 
 # ==============================================================================================================
 # Table
 # ==============================================================================================================
+
+def names(task: str) -> dict[str, str]:
+    """Row names: :data:`NAMES`, the first row being the zero-shot initial model for ``beir``."""
+    return {**NAMES, "warmup": "Zero-shot"} if task == "beir" else NAMES
+
+
+def columns(task: str) -> dict[str, str]:
+    return BEIR_COLUMNS if task == "beir" else COLUMNS
+
 
 def mrr_depth(task: str) -> int:
     """MRR@10 for passages, MRR@100 for documents (the paper's metrics)."""
@@ -85,6 +102,20 @@ def score_rank_files(folder: Path, preprocess_dir: Path, depth: int,
     return row
 
 
+def score_beir_rank_files(folder: Path, preprocess_dir: Path) -> dict[str, Optional[float]]:
+    """nDCG@10, R@100 and MRR@10 (fields ``{split}_{ndcg10,r100,mrr}``) of ``folder/{split}.rank.tsv`` for each
+    of dev and test that has ``{split}-qrel.tsv``; None where the rank file is absent."""
+    row: dict[str, Optional[float]] = {}
+    for split in ("dev", "test"):
+        if not (preprocess_dir / f"{split}-qrel.tsv").is_file():
+            continue
+        rank = folder / f"{split}.rank.tsv"
+        scores = (evaluate_files(preprocess_dir / f"{split}-qrel.tsv", rank, metrics=tuple(BEIR_METRICS))
+                  if rank.is_file() else {})
+        row.update({f"{split}_{suffix}": scores.get(metric) for metric, suffix in BEIR_METRICS.items()})
+    return row
+
+
 def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
     """``{key: scores}`` of the warm-up (when evaluated) and every table model that has rank files; the DL20
     field only when some model has a ``test2020.rank.tsv``."""
@@ -92,19 +123,25 @@ def gather(root: PathLike, task: str) -> dict[str, dict[str, Optional[float]]]:
     folders = {key: rank_dir(root, key) for key in ("warmup", *TABLE_KEYS)}
     ranked = {key: {split for split in ("dev", *NDCG_SPLITS) if (folder / f"{split}.rank.tsv").is_file()}
               for key, folder in folders.items()}
+    if task == "beir":
+        return {key: score_beir_rank_files(folder, root / "preprocess") for key, folder in folders.items()
+                if ranked[key]}
     ndcg_splits = [split for split in NDCG_SPLITS if split == "test" or any(split in r for r in ranked.values())]
     return {key: score_rank_files(folder, root / "preprocess", mrr_depth(task), ndcg_splits)
             for key, folder in folders.items() if ranked[key]}
 
 
-def compare(rows: dict[str, dict[str, Optional[float]]]) -> list[dict[str, Any]]:
-    """For each (model, reference) of :data:`COMPARISONS` with both rows: is every metric at least as good?"""
+def compare(rows: dict[str, dict[str, Optional[float]]], task: str = "passage") -> list[dict[str, Any]]:
+    """For each (model, reference) of :data:`COMPARISONS` (and :data:`BEIR_COMPARISONS` for ``beir``: every trained
+    row against the zero-shot one, STAR against Rand-Neg) with both rows: is every metric at least as good?"""
     out = []
-    for model, reference in COMPARISONS:
+    pairs = COMPARISONS + (BEIR_COMPARISONS if task == "beir" else ())
+    for model, reference in pairs:
         if model in rows and reference in rows:
             metrics = {m: rows[model][m] >= rows[reference][m] for m in rows[model]
                        if rows[model][m] is not None and rows[reference][m] is not None}
-            out.append({"model": NAMES[model], "reference": NAMES[reference], "at_least_as_good": metrics})
+            out.append({"model": names(task)[model], "reference": names(task)[reference],
+                        "at_least_as_good": metrics})
     return out
 
 
@@ -114,11 +151,12 @@ def _fmt(value: Optional[float]) -> str:
 
 def markdown_table(rows: dict[str, dict[str, Optional[float]]], task: str, title: str) -> str:
     """The README-shaped table, one line per model present, one column per field of :data:`COLUMNS` present."""
-    fields = [field for field in COLUMNS if any(field in row for row in rows.values())]
-    header = [title] + [COLUMNS[field].format(depth=mrr_depth(task)) for field in fields]
+    heads = columns(task)
+    fields = [field for field in heads if any(field in row for row in rows.values())]
+    header = [title] + [heads[field].format(depth=mrr_depth(task)) for field in fields]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, row in rows.items():
-        lines.append("| " + " | ".join([NAMES[key]] + [_fmt(row[field]) for field in fields]) + " |")
+        lines.append("| " + " | ".join([names(task)[key]] + [_fmt(row.get(field)) for field in fields]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="See the module docstring for the layout read and the outputs.")
     parser.add_argument("--root", required=True, help="task folder of reproduce.sh, e.g. data/sample/passage")
-    parser.add_argument("--task", choices=("passage", "doc"), default="passage",
-                        help="passage: Dev MRR@10; doc: Dev MRR@100 (default %(default)s)")
+    parser.add_argument("--task", choices=("passage", "doc", "beir"), default="passage",
+                        help="passage: Dev MRR@10; doc: Dev MRR@100; beir: nDCG@10, R@100 and MRR@10 of dev and "
+                             "test (default %(default)s)")
     parser.add_argument("--title", default=None, help="first header cell of the table (default: the task)")
     parser.add_argument("--out_dir", default=None, help="output folder (default ROOT/results)")
     parser.add_argument("--curves", nargs="*", default=[], choices=TABLE_KEYS, metavar="KEY",
@@ -302,13 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     root = Path(args.root)
-    if not (root / "preprocess" / "dev-qrel.tsv").is_file():
-        raise InputError("no preprocess/dev-qrel.tsv under --root: not a reproduce.sh task folder", path=root)
+    qrels = ("dev", "test") if args.task == "beir" else ("dev",)
+    if not any((root / "preprocess" / f"{split}-qrel.tsv").is_file() for split in qrels):
+        raise InputError(f"no preprocess/{' or '.join(f'{s}-qrel.tsv' for s in qrels)} under --root: not a "
+                         "reproduce.sh task folder", path=root)
     out = Path(args.out_dir or root / "results")
     rows = gather(root, args.task)
     if not rows:
         raise InputError("no rank files found (evaluate/*/dev.rank.tsv)", path=root)
-    comparisons = compare(rows)
+    comparisons = compare(rows, args.task)
     table = markdown_table(rows, args.task, args.title or args.task)
     text = table + ("\n" + comparison_lines(comparisons) if comparisons else "")
 
@@ -318,7 +359,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     losses = {key: read_loss(training_folder(root, key) / "log") for key in TABLE_KEYS}
     plotted = plot_curves(losses, curves, mrr_depth(args.task), out / "curves.png")
 
-    result = {"task": args.task, "metrics": {NAMES[k]: v for k, v in rows.items()}, "comparisons": comparisons,
+    result = {"task": args.task, "metrics": {names(args.task)[k]: v for k, v in rows.items()},
+              "comparisons": comparisons,
               "dev_mrr_curves": {NAMES[k]: v for k, v in curves.items()},
               "loss_curves": {NAMES[k]: v for k, v in losses.items() if v},
               "plot": str(out / "curves.png") if plotted else None}

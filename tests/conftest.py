@@ -11,6 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test above ~10 s (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The ../shared folder beside the checkout (real data); skip where a user's clone lacks it."""
