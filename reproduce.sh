@@ -57,7 +57,8 @@
 # common ones above apply too, e.g. THREADS, DEVICE, CURVES (default: adore with a dev split, else none)):
 #   BEIR_DIR, INIT          the collection and the initial model (required)
 #   ROOT=DATA/beir/NAME     where it writes
-#   QUERY_LEN=64 DOC_LEN=256   token lengths (all-MiniLM-L6-v2's max_seq_length is 256)
+#   DOC_LEN=256 QUERY_LEN=DOC_LEN   token lengths: the model's max_seq_length for both, as sentence-transformers
+#                           encodes (all-MiniLM-L6-v2: 256; batches are padded to their longest row only)
 #   EPOCHS=2 BATCH=32 LR=2e-5 LR_WARMUP=5   Inbatch-Neg, Rand-Neg and STAR: AdamW, as a sentence-transformers
 #                           fine-tuning of such a model
 #   SCORE_SCALE=20          the cosine scores of an L2-normalising encoder span [−1, 1] (docs/own-collection.md)
@@ -128,7 +129,7 @@ BASELINE_INIT=${BASELINE_INIT:-}
 SCORE_SCALE=${SCORE_SCALE:-1}
 TRAIN_QUERY_LEN=24; QUERY_LEN=32   # the original's query lengths of STAR-type training and of inference
 if [[ $TASK == beir ]]; then
-  METRIC_CUT=${METRIC_CUT:-10}; QUERY_LEN=${QUERY_LEN_KNOB:-64}; DOC_LEN=${DOC_LEN:-256}
+  METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=${DOC_LEN:-256}; QUERY_LEN=${QUERY_LEN_KNOB:-$DOC_LEN}
   TRAIN_QUERY_LEN=$QUERY_LEN; TRAIN_DOC_LEN=$DOC_LEN; ADORE_QUERY_LEN=$QUERY_LEN
 elif [[ $KIND == passage ]]; then
   METRIC_CUT=${METRIC_CUT:-200}; DOC_LEN=256; TRAIN_DOC_LEN=120
