@@ -202,14 +202,17 @@ class CheckpointScorer:
     def __call__(self, key: str, checkpoint: Path) -> float:
         import numpy as np
 
+        from infra.embedding_memmap import corpus_rows, open_embeddings
+        from infra.exact_search import exact_search, write_rank_file
+
         ru, pre = self.ru, self.root / "preprocess"
         out = self.work / key / checkpoint.name
         model, model_id, pad = ru.load_encoder(checkpoint)
         common = dict(batch_size=self.batch_size, device=self.device, pad_token_id=pad, overwrite=True)
         try:
             if key.startswith("adore-"):
-                docs = ru.open_embeddings(self.root / "evaluate" / key[len("adore-"):] / "passages.memmap",
-                                          dim=model.output_dim, n_rows=ru.corpus_rows(pre))
+                docs = open_embeddings(self.root / "evaluate" / key[len("adore-"):] / "passages.memmap",
+                                          dim=model.output_dim, n_rows=corpus_rows(pre))
                 queries = ru.encode_split(model, model_id, pre, "dev-query", self.adore_query_length,
                                           out / "dev-query.memmap", **common)
             else:
@@ -217,8 +220,8 @@ class CheckpointScorer:
                                           out / "dev-query.memmap", **common)
                 docs = ru.encode_split(model, model_id, pre, "passages", self.doc_length, out / "passages.memmap",
                                        **common)
-            _, ids = ru.exact_search(docs, queries, SEARCH_DEPTH)
-            ru.write_rank_file(out / "dev.rank.tsv", np.arange(len(queries)), ids)
+            _, ids = exact_search(docs, queries, SEARCH_DEPTH)
+            write_rank_file(out / "dev.rank.tsv", np.arange(len(queries)), ids)
         finally:
             for memmap in list(out.glob("*.memmap")) + list(out.glob("*.memmap.manifest.json")):
                 memmap.unlink()
