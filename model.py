@@ -340,16 +340,30 @@ def load_init_model(init_path: PathLike, **kwargs: Any) -> DenseEncoder:
 #
 # Every loss casts its inputs to float32 (the original computes scores and losses outside autocast) and uses
 # ``softplus(x) = log(1 + e^x)`` in its numerically stable form (``torch.nn.functional.softplus``), so large
-# score gaps give no inf/NaN.  Notation: ``s_ij = q_i · d_j`` (raw dot product, no temperature).
+# score gaps give no inf/NaN.  Notation: ``s_ij = q_i · d_j`` (raw dot product).
+#
+# ``score_scale`` (τ⁻¹, a temperature's inverse) multiplies every score gap inside the softplus: ``softplus(γ·(s_neg
+# − s_pos))``.  The paper's losses are γ = 1 (the default, bitwise the unscaled loss): RoBERTa with a LayerNorm head
+# gives inner products spanning tens of units.  An encoder that L2-normalises (a sentence-transformers folder) has
+# cosine scores in [−1, 1], where γ = 1 leaves the softplus nearly linear (every negative weighs alike); γ = 20 is
+# sentence-transformers' MultipleNegativesRankingLoss scale (docs/own-collection.md has the measurements).
 #
 # A loss whose masks leave no valid pair is 0 (still attached to the graph), where the original divides 0 by 0.
 
 Tensor = torch.Tensor
 
 
-def _pooled_mean(terms: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """``Σ_blocks Σ mask·softplus(diff) / Σ_blocks Σ mask`` over ``(diff, mask)`` blocks; 0 without pairs."""
-    total = sum((mask * F.softplus(diff)).sum() for diff, mask in terms)
+def _check_scale(score_scale: float) -> float:
+    if isinstance(score_scale, bool) or not isinstance(score_scale, Real) or not 0 < score_scale < float("inf"):
+        raise ValueError(f"score_scale must be a positive finite number, got {score_scale!r}")
+    return float(score_scale)
+
+
+def _pooled_mean(terms: Sequence[tuple[Tensor, Tensor]], score_scale: float) -> Tensor:
+    """``Σ_blocks Σ mask·softplus(γ·diff) / Σ_blocks Σ mask`` over ``(diff, mask)`` blocks (γ = ``score_scale``);
+    0 without pairs."""
+    scale = _check_scale(score_scale)
+    total = sum((mask * F.softplus(scale * diff)).sum() for diff, mask in terms)
     count = sum(mask.sum() for _, mask in terms)
     return total / count.clamp(min=1.0)
 
@@ -367,39 +381,40 @@ def _positive_scores(q: Tensor, d: Tensor) -> Tensor:
     return (q.float() * d.float()).sum(dim=1, keepdim=True)
 
 
-def inbatch_loss(q: Tensor, d: Tensor, rel_pair_mask: Tensor) -> Tensor:
+def inbatch_loss(q: Tensor, d: Tensor, rel_pair_mask: Tensor, score_scale: float = 1.0) -> Tensor:
     """Inbatch-Neg: pairwise logistic loss of each query against the other queries' positives.
 
     Inputs: ``q`` [B, D] query embeddings, ``d`` [B, D] their positive docs (row i is q_i's positive),
-    ``rel_pair_mask`` [B, B] with M_ij = 1 when d_j is NOT relevant to q_i (so M_ii = 0)::
+    ``rel_pair_mask`` [B, B] with M_ij = 1 when d_j is NOT relevant to q_i (so M_ii = 0); γ = ``score_scale``::
 
-        L = Σ_ij M_ij · softplus(s_ij − s_ii) / Σ_ij M_ij
+        L = Σ_ij M_ij · softplus(γ·(s_ij − s_ii)) / Σ_ij M_ij
     """
     scores = q.float() @ d.float().T
     mask = _mask(rel_pair_mask, q.shape[0], d.shape[0], "rel_pair_mask")
-    return _pooled_mean([(scores - _positive_scores(q, d), mask)])
+    return _pooled_mean([(scores - _positive_scores(q, d), mask)], score_scale)
 
 
-def randneg_loss(q: Tensor, d: Tensor, rand_docs: Tensor, rand_pair_mask: Tensor) -> Tensor:
+def randneg_loss(q: Tensor, d: Tensor, rand_docs: Tensor, rand_pair_mask: Tensor, score_scale: float = 1.0) -> Tensor:
     """Rand-Neg: each query against ALL random docs of the batch (in-batch positives not used).
 
     Inputs: ``q``, ``d`` [B, D] as in :func:`inbatch_loss`; ``rand_docs`` [B·R, D] random docs r_k;
     ``rand_pair_mask`` [B, B·R] with N_ik = 1 when r_k is NOT relevant to q_i. With t_ik = q_i · r_k::
 
-        L = Σ_ik N_ik · softplus(t_ik − s_ii) / Σ_ik N_ik
+        L = Σ_ik N_ik · softplus(γ·(t_ik − s_ii)) / Σ_ik N_ik
     """
     scores = q.float() @ rand_docs.float().T
     mask = _mask(rand_pair_mask, q.shape[0], rand_docs.shape[0], "rand_pair_mask")
-    return _pooled_mean([(scores - _positive_scores(q, d), mask)])
+    return _pooled_mean([(scores - _positive_scores(q, d), mask)], score_scale)
 
 
-def star_loss(q: Tensor, d: Tensor, hard_docs: Tensor, rel_pair_mask: Tensor, hard_pair_mask: Tensor) -> Tensor:
+def star_loss(q: Tensor, d: Tensor, hard_docs: Tensor, rel_pair_mask: Tensor, hard_pair_mask: Tensor,
+              score_scale: float = 1.0) -> Tensor:
     """STAR: in-batch negatives plus ALL static hard negatives of the batch, one pooled mean, no α.
 
     Inputs: ``q``, ``d``, ``rel_pair_mask`` as in :func:`inbatch_loss`; ``hard_docs`` [B·H, D] hard negatives
     h_k; ``hard_pair_mask`` [B, B·H] with N_ik = 1 when h_k is NOT relevant to q_i. With u_ik = q_i · h_k::
 
-        L = [Σ_ij M_ij·softplus(s_ij − s_ii) + Σ_ik N_ik·softplus(u_ik − s_ii)] / [Σ M + Σ N]
+        L = [Σ_ij M_ij·softplus(γ·(s_ij − s_ii)) + Σ_ik N_ik·softplus(γ·(u_ik − s_ii))] / [Σ M + Σ N]
     """
     positive = _positive_scores(q, d)
     inbatch = q.float() @ d.float().T
@@ -407,7 +422,7 @@ def star_loss(q: Tensor, d: Tensor, hard_docs: Tensor, rel_pair_mask: Tensor, ha
     return _pooled_mean([
         (inbatch - positive, _mask(rel_pair_mask, q.shape[0], d.shape[0], "rel_pair_mask")),
         (hard - positive, _mask(hard_pair_mask, q.shape[0], hard_docs.shape[0], "hard_pair_mask")),
-    ])
+    ], score_scale)
 
 
 # -- ADORE ------------------------------------------------------------------------------------------
@@ -435,13 +450,13 @@ def adore_pair_weights(n_items: int, metric_cut: int, device: Union[str, torch.d
     return (gains[:, None] - gains[None, :]).abs()
 
 
-def adore_query_loss(scores: Tensor, labels: Tensor, metric_cut: int) -> Tensor:
+def adore_query_loss(scores: Tensor, labels: Tensor, metric_cut: int, score_scale: float = 1.0) -> Tensor:
     """ADORE loss of one query, positions = list order (1-based; appended positives come last).
 
     Inputs: ``scores`` [n] f_r = q · e(p_r) for the retrieved list (plus any appended positives),
-    ``labels`` [n] bool y_r (True = relevant)::
+    ``labels`` [n] bool y_r (True = relevant); γ = ``score_scale``::
 
-        loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s| · softplus(f_s − f_r) / #{(r, s): y_r=1, y_s=0}
+        loss_q = Σ_{r: y_r=1} Σ_{s: y_s=0} |a_r − a_s| · softplus(γ·(f_s − f_r)) / #{(r, s): y_r=1, y_s=0}
 
     with a_r = 1/r for r ≤ metric_cut else 0.  0 when the list has no (positive, negative) pair.
     """
@@ -451,7 +466,7 @@ def adore_query_loss(scores: Tensor, labels: Tensor, metric_cut: int) -> Tensor:
         raise ValueError(f"scores and labels must both be [n], got {list(scores.shape)} and {list(labels.shape)}")
     weights = adore_pair_weights(scores.shape[0], metric_cut, scores.device)[labels][:, ~labels]  # [P, N]
     pairs = scores[labels][:, None], scores[~labels][None, :]
-    terms = weights * F.softplus(pairs[1] - pairs[0])
+    terms = weights * F.softplus(_check_scale(score_scale) * (pairs[1] - pairs[0]))
     return terms.sum() / max(terms.numel(), 1)
 
 
@@ -469,8 +484,9 @@ def _pad(rows: Union[Tensor, Sequence[Tensor]], fill: float | bool) -> tuple[Ten
 
 
 def adore_batch_loss(scores: Union[Tensor, Sequence[Tensor]], labels: Union[Tensor, Sequence[Tensor]],
-                     metric_cut: int, divisor: float, lengths: Tensor | None = None) -> Tensor:
-    """ADORE batch loss: ``Σ_q loss_q / divisor`` (``loss_q`` as in :func:`adore_query_loss`).
+                     metric_cut: int, divisor: float, lengths: Tensor | None = None,
+                     score_scale: float = 1.0) -> Tensor:
+    """ADORE batch loss: ``Σ_q loss_q / divisor`` (``loss_q`` as in :func:`adore_query_loss`, γ = ``score_scale``).
 
     ``scores``/``labels``: a list of per-query 1-D tensors (any lengths), or left-aligned padded tensors
     [B, n] with optional ``lengths`` [B] (entries at column ≥ length are ignored; default: all valid).
@@ -480,6 +496,7 @@ def adore_batch_loss(scores: Union[Tensor, Sequence[Tensor]], labels: Union[Tens
     if isinstance(divisor, bool) or not isinstance(divisor, Real) or divisor <= 0:
         raise ValueError(f"divisor must be a positive number, got {divisor!r}")
     _check_cut(metric_cut)
+    scale = _check_scale(score_scale)
     f, valid = _pad(scores, 0.0)
     y, _ = _pad(labels, False)
     f, y = f.float(), y.bool()
@@ -498,7 +515,7 @@ def adore_batch_loss(scores: Union[Tensor, Sequence[Tensor]], labels: Union[Tens
     weights = (gains[pos_index][:, :, None] - gains[None, None, :]).abs()          # [B, P, n]
     diff = f[:, None, :] - torch.gather(f, 1, pos_index)[:, :, None]               # f_s − f_r
     pair_mask = pos_valid[:, :, None] & negative[:, None, :]
-    terms = weights * F.softplus(diff) * pair_mask
+    terms = weights * F.softplus(scale * diff) * pair_mask
     per_query = terms.sum(dim=(1, 2)) / pair_mask.sum(dim=(1, 2)).clamp(min=1)
     return per_query.sum() / divisor
 

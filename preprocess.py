@@ -591,8 +591,9 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
       With qrels, only the queries named in them are kept, in query-file order.
 
     BEIR layout (``--input_format beir``, read by :mod:`beir_input`: ``corpus.jsonl``, ``queries.jsonl``,
-    ``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being ``title<sep>text``, except
-    that the id maps keep the string ids and there are no pickles:
+    ``qrels/{train,dev,test}.tsv``, string ids): the same outputs, a document's text being BEIR's
+    ``(title + " " + text).strip()`` (:func:`infra.beir_input.document_text`), except that the id maps keep the
+    string ids and there are no pickles:
 
     * ``passages_ids.npy`` and ``{split}-query_ids.npy`` — ``np.save`` of a 1-D unicode array (dtype ``<U{longest
       id}``, loadable with ``allow_pickle=False``; :func:`infra.run_file.load_id_map` reads both kinds): the
@@ -615,7 +616,7 @@ def preprocess(data_dir: PathLike, out_dir: PathLike, data_type: int, tokenizer:
             refuse_existing(out_dir / name, overwrite)
         ids = beir_input.scan_corpus(data_dir)
         plans = [SplitPlan(*split) for split in beir_input.read_splits(data_dir, ids)]
-        texts = beir_input.corpus_texts(data_dir, ids, DOC_FIELD_SEP, max_doc_character)
+        texts = beir_input.corpus_texts(data_dir, ids, max_doc_character)
         return write_outputs(out_dir, tokenize, ids, texts, data_dir / beir_input.CORPUS, plans, batch_size, threads,
                              "tokenize corpus")
     collection = require_file(data_dir / COLLECTION[data_type], "collection")

@@ -5,7 +5,7 @@
 #   -> ADORE on each of Inbatch-Neg / Rand-Neg / STAR -> ADORE inference -> evaluation, table, curves
 #
 # Usage:  bash reproduce.sh [TASK]        TASK = sample (default) | sample-doc | passage | doc
-#                                         | released-passage | released-doc
+#                                         | released-passage | released-doc | beir
 #
 #   sample      the bundled passage sample (generated offline by `python -m sample_data`), small settings:
 #               about 5 minutes on a 2-core CPU.
@@ -25,11 +25,17 @@
 #               ones (ROOT/released_eval/results; a row more than 0.002 away is flagged), and the top-k overlap
 #               with the released rank files when downloaded (download_data.sh runs).  Outputs in
 #               ROOT/released_eval/evaluate/KEY.  GPU time and disk: docs/released-models.md.
+#   beir        your own collection in the BEIR layout (BEIR_DIR: corpus.jsonl, queries.jsonl, qrels/train.tsv and
+#               qrels/dev.tsv and/or test.tsv) from a pretrained encoder (INIT, e.g. a sentence-transformers
+#               folder): INIT zero-shot, Inbatch-Neg, Rand-Neg and STAR from INIT (STAR's negatives mined by INIT,
+#               reusing its corpus encoding), ADORE on each; nDCG@10, R@100, MRR@10 of dev and test.
+#               Example: BEIR_DIR=my_collection INIT=model_folder bash reproduce.sh beir
+#               (docs/own-collection.md: the defaults and why, measured tables and times).
 #
 # Every stage prints a banner and its wall time, and writes ROOT/.done/STAGE when it succeeded; a later run
 # skips finished stages (delete the marker, or the whole ROOT/.done, to redo them after changing a setting).
 # An interrupted training resumes from its last checkpoint.  ROOT is DATA/sample/passage, DATA/sample/doc,
-# DATA/passage or DATA/doc.
+# DATA/passage, DATA/doc or (beir) DATA/beir/<name of BEIR_DIR>, unless set.
 #
 # Environment knobs (defaults: sample | real tasks):
 #   DATA=data               where the data and every output go
@@ -57,31 +63,46 @@
 #   SAMPLE_SEED=13          seed of the generated sample
 #   TOKENIZER=DATA/roberta-base   real tasks: folder with the roberta-base vocab.json + merges.txt
 #   RELEASED_DIR=DATA/{passage,doc}/released   released-* tasks: the model folders (download_data.sh models)
+#   SCORE_SCALE=1           γ inside every loss, softplus(γ·(s_neg − s_pos)); 1 is the paper's loss
+#
+# The beir task's knobs and defaults (for a pretrained sentence-transformers model on a small collection; the
+# common ones above apply too, e.g. THREADS, DEVICE, CURVES (default: adore with a dev split, else none)):
+#   BEIR_DIR, INIT          the collection and the initial model (required)
+#   ROOT=DATA/beir/NAME     where it writes
+#   DOC_LEN=256 QUERY_LEN=DOC_LEN   token lengths: the model's max_seq_length for both, as sentence-transformers
+#                           encodes (all-MiniLM-L6-v2: 256; batches are padded to their longest row only)
+#   EPOCHS=2 BATCH=32 LR=2e-5 LR_WARMUP=5   Inbatch-Neg, Rand-Neg and STAR: AdamW, as a sentence-transformers
+#                           fine-tuning of such a model
+#   SCORE_SCALE=20          the cosine scores of an L2-normalising encoder span [−1, 1] (docs/own-collection.md)
+#   TOPK=30                 negatives mined by INIT per train query (STAR samples one per step from them)
+#   ADORE_EPOCHS=2 ADORE_LR=2e-5 ADORE_BATCH=32 ADORE_WARMUP=5 METRIC_CUT=10 ADORE_NEG_TOPK=200
 set -euo pipefail
 cd "$(dirname "$0")"
 
 TASK=${1:-sample}
 case $TASK in
-  sample|sample-doc|passage|doc) ;;
+  sample|sample-doc|passage|doc|beir) ;;
   released-passage|released-doc) ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: bash reproduce.sh [sample|sample-doc|passage|doc|released-passage|released-doc]" >&2; exit 2 ;;
+  *) echo "usage: bash reproduce.sh [sample|sample-doc|passage|doc|released-passage|released-doc|beir]" >&2; exit 2 ;;
 esac
 
 # ------------------------------------------------------------------------------------------------------------
 # Settings
 # ------------------------------------------------------------------------------------------------------------
 DATA=${DATA:-data}
+QUERY_LEN_KNOB=${QUERY_LEN:-}    # beir: the QUERY_LEN knob (the other tasks fix their lengths below)
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-auto}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 case $TASK in
   sample|sample-doc) SAMPLE=1; ROOT=$DATA/sample/${TASK#sample-}; [[ $TASK == sample ]] && ROOT=$DATA/sample/passage ;;
+  beir) SAMPLE=0; ROOT=${ROOT:-$DATA/beir/$(basename "${BEIR_DIR:-collection}")} ;;
   *) SAMPLE=0; ROOT=$DATA/$TASK ;;
 esac
 case $TASK in
-  sample|passage) KIND=passage ;;
+  sample|passage|beir) KIND=passage ;;
   *) KIND=doc ;;
 esac
 if [[ $TASK == released-* ]]; then   # the released models, evaluated on the task's data folder
@@ -89,7 +110,14 @@ if [[ $TASK == released-* ]]; then   # the released models, evaluated on the tas
   RELEASED_DIR=${RELEASED_DIR:-$DATA/$KIND/released}
 fi
 
-if [[ $SAMPLE == 1 ]]; then
+if [[ $TASK == beir ]]; then
+  THREADS=${THREADS-}
+  EPOCHS=${EPOCHS:-2}; BATCH=${BATCH:-32}; LR=${LR:-2e-5}; LR_WARMUP=${LR_WARMUP:-5}
+  TOPK=${TOPK:-30}; SCORE_SCALE=${SCORE_SCALE:-20}
+  ADORE_EPOCHS=${ADORE_EPOCHS:-2}; ADORE_LR=${ADORE_LR:-2e-5}; ADORE_WARMUP=${ADORE_WARMUP:-5}
+  ADORE_SAVE_STEPS=${ADORE_SAVE_STEPS:-}
+  CURVES=${CURVES:-$([[ -f ${BEIR_DIR:-}/qrels/dev.tsv ]] && echo adore || echo none)}
+elif [[ $SAMPLE == 1 ]]; then
   THREADS=${THREADS-1}
   STEPS=${STEPS:-300}; BATCH=${BATCH:-64}; LR=${LR:-1e-3}; LR_WARMUP=${LR_WARMUP:-10}; SAVE_STEPS=${SAVE_STEPS:-60}
   WARMUP_TRAIN_STEPS=${WARMUP_TRAIN_STEPS:-132}; WARMUP_LR=${WARMUP_LR:-1e-3}
@@ -111,9 +139,16 @@ else
   TOKENIZER=${TOKENIZER:-$DATA/roberta-base}
 fi
 ADORE_BATCH=${ADORE_BATCH:-32}
+ADORE_NEG_TOPK=${ADORE_NEG_TOPK:-200}
+ADORE_QUERY_LEN=64                 # the original's ADORE query length (beir: QUERY_LEN)
 ADORE_STEPS=${ADORE_STEPS:-0}
 BASELINE_INIT=${BASELINE_INIT:-}
-if [[ $KIND == passage ]]; then
+SCORE_SCALE=${SCORE_SCALE:-1}
+TRAIN_QUERY_LEN=24; QUERY_LEN=32   # the original's query lengths of STAR-type training and of inference
+if [[ $TASK == beir ]]; then
+  METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=${DOC_LEN:-256}; QUERY_LEN=${QUERY_LEN_KNOB:-$DOC_LEN}
+  TRAIN_QUERY_LEN=$QUERY_LEN; TRAIN_DOC_LEN=$DOC_LEN; ADORE_QUERY_LEN=$QUERY_LEN
+elif [[ $KIND == passage ]]; then
   METRIC_CUT=${METRIC_CUT:-200}; DOC_LEN=256; TRAIN_DOC_LEN=120
 else
   METRIC_CUT=${METRIC_CUT:-10}; DOC_LEN=512; TRAIN_DOC_LEN=512
@@ -186,20 +221,26 @@ latest_checkpoint() { "$PY" -m infra.checkpoint_paths "$1"; }
 star_train() {
   local out=$1 mode=$2 init=$3; shift 3
   "$PY" -m star.train --negative_mode "$mode" --init_path "$init" --preprocess_dir "$PRE" --output_dir "$out" \
-    --resume --max_query_length 24 --max_doc_length "$TRAIN_DOC_LEN" "${DEV_ARGS[@]}" "${AMP_ARGS[@]}" "$@"
+    --resume --max_query_length "$TRAIN_QUERY_LEN" --max_doc_length "$TRAIN_DOC_LEN" --score_scale "$SCORE_SCALE" \
+    "${DEV_ARGS[@]}" "${AMP_ARGS[@]}" "$@"
 }
 
-# the schedule of Inbatch-Neg, Rand-Neg and STAR: the original's 100 epochs, stopped after STEPS steps
-TRAIN_ARGS=(--optimizer_str lamb --learning_rate "$LR" --warmup_steps "$LR_WARMUP" --num_train_epochs 100
-            --stop_after_steps "$STEPS" --per_device_train_batch_size "$BATCH" --save_steps "$SAVE_STEPS"
-            --logging_steps "$(( SAMPLE == 1 ? 5 : 50 ))")
-# the warm-up's optimisation (sample: AdamW from the random init; doc: Lamb with the task's schedule)
-if [[ $SAMPLE == 1 ]]; then
-  WARMUP_ARGS=(--optimizer_str adamw --learning_rate "$WARMUP_LR" --warmup_steps 10 --logging_steps 5)
+if [[ $TASK == beir ]]; then   # a pretrained encoder fine-tuned on a small collection: AdamW, a few epochs
+  TRAIN_ARGS=(--optimizer_str adamw --learning_rate "$LR" --warmup_steps "$LR_WARMUP" --num_train_epochs "$EPOCHS"
+              --per_device_train_batch_size "$BATCH" --logging_steps 5)
 else
-  WARMUP_ARGS=(--optimizer_str lamb --learning_rate "$WARMUP_LR" --warmup_steps "$LR_WARMUP" --save_steps "$SAVE_STEPS")
+  # the schedule of Inbatch-Neg, Rand-Neg and STAR: the original's 100 epochs, stopped after STEPS steps
+  TRAIN_ARGS=(--optimizer_str lamb --learning_rate "$LR" --warmup_steps "$LR_WARMUP" --num_train_epochs 100
+              --stop_after_steps "$STEPS" --per_device_train_batch_size "$BATCH" --save_steps "$SAVE_STEPS"
+              --logging_steps "$(( SAMPLE == 1 ? 5 : 50 ))")
+  # the warm-up's optimisation (sample: AdamW from the random init; doc: Lamb with the task's schedule)
+  if [[ $SAMPLE == 1 ]]; then
+    WARMUP_ARGS=(--optimizer_str adamw --learning_rate "$WARMUP_LR" --warmup_steps 10 --logging_steps 5)
+  else
+    WARMUP_ARGS=(--optimizer_str lamb --learning_rate "$WARMUP_LR" --warmup_steps "$LR_WARMUP" --save_steps "$SAVE_STEPS")
+  fi
+  WARMUP_ARGS+=(--max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH")
 fi
-WARMUP_ARGS+=(--max_steps "$WARMUP_TRAIN_STEPS" --per_device_train_batch_size "$BATCH")
 
 # ------------------------------------------------------------------------------------------------------------
 # Stages
@@ -224,6 +265,33 @@ check_dataset() {
          "'bash download_data.sh tokenizer --dir $DATA' fetches them, or set TOKENIZER=folder" >&2
     return 1
   fi
+}
+
+check_beir() {              # the collection and the initial model, with one clear line for what is missing
+  local fail=""
+  if [[ -z ${BEIR_DIR:-} || ! -f $BEIR_DIR/corpus.jsonl ]]; then
+    fail="set BEIR_DIR to a collection in the BEIR layout (corpus.jsonl, queries.jsonl, qrels/*.tsv)"
+  elif [[ ! -f $BEIR_DIR/qrels/train.tsv ]]; then
+    fail="$BEIR_DIR has no train qrels (qrels/train.tsv): Inbatch-Neg, Rand-Neg, STAR and ADORE learn from them"
+  elif [[ ! -f $BEIR_DIR/qrels/dev.tsv && ! -f $BEIR_DIR/qrels/test.tsv ]]; then
+    fail="$BEIR_DIR has no qrels/dev.tsv or qrels/test.tsv to measure the models on"
+  elif [[ -z ${INIT:-} || ! -f $INIT/config.json ]]; then
+    fail="set INIT to the initial model's folder (config.json, weights, tokenizer files; e.g. a sentence-transformers model)"
+  fi
+  if [[ -n $fail ]]; then
+    echo "error: $fail" >&2
+    exit 2
+  fi
+}
+
+link_init() {               # ROOT/warmup is INIT: it mines STAR's negatives and every trainer starts from it
+  mkdir -p "$ROOT"
+  ln -sfn "$(cd "$INIT" && pwd)" "$WARMUP"
+}
+
+preprocess_beir() {         # the tokenizer and lengths of INIT
+  "$PY" -m preprocess --input_format beir --model_name_or_path "$INIT" --data_dir "$BEIR_DIR" --out_dir "$PRE" \
+    --max_seq_length "$DOC_LEN" --max_query_length "$QUERY_LEN" --overwrite
 }
 
 preprocess() {
@@ -262,17 +330,25 @@ baseline() {                # Inbatch-Neg (MODE inbatch) or Rand-Neg (MODE rand)
 }
 
 mine() {                    # STAR's static hard negatives: the warm-up's top TOPK of every train query
+  local fill=()             # beir: a query with more positives than the top TOPK + 10 leaves room for is filled
+  [[ $TASK == beir ]] && fill=(--fill_random)
   "$PY" -m star.prepare_hardneg --data_type "$KIND" --mode train --model_dir "$WARMUP" --preprocess_dir "$PRE" \
-    --output_dir "$MINED" --max_query_length 32 --max_doc_length "$DOC_LEN" --topk "$TOPK" --overwrite \
-    "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
+    --output_dir "$MINED" --max_query_length "$QUERY_LEN" --max_doc_length "$DOC_LEN" --topk "$TOPK" --overwrite \
+    "${fill[@]}" "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
 }
 
 star() {
   star_train "$ROOT/train/star" star "$WARMUP" --hardneg_path "$MINED/hard.npy" "${TRAIN_ARGS[@]}"
 }
 
-# ranked_splits: dev, test (TREC DL 2019) and, when preprocess wrote it, test2020 (TREC DL 2020)
+# ranked_splits: dev, test (TREC DL 2019) and, when preprocess wrote it, test2020 (TREC DL 2020); beir: dev
+# and test where the collection has them
 ranked_splits() {
+  if [[ $TASK == beir ]]; then
+    local split
+    for split in dev test; do [[ -f $PRE/$split-qrel.tsv ]] && echo "$split"; done
+    return 0
+  fi
   echo dev test
   if [[ -f $PRE/test2020-query.memmap ]]; then echo test2020; fi
 }
@@ -282,7 +358,7 @@ encode() {
   local split
   for split in $(ranked_splits); do
     "$PY" -m star.inference --data_type "$KIND" --mode "$split" --model_dir "$1" --preprocess_dir "$PRE" \
-      --output_dir "$2" --max_query_length 32 --max_doc_length "$DOC_LEN" --overwrite \
+      --output_dir "$2" --max_query_length "$QUERY_LEN" --max_doc_length "$DOC_LEN" --overwrite \
       "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
   done
 }
@@ -297,6 +373,7 @@ adore() {                   # ADORE's query encoder from MODEL's checkpoint, aga
     --preprocess_dir "$PRE" --data_type "$KIND" --metric_cut "$METRIC_CUT" \
     --model_save_dir "$ROOT/adore_train/$model" --resume --learning_rate "$ADORE_LR" \
     --per_gpu_batch_size "$ADORE_BATCH" --warmup_steps "$ADORE_WARMUP" "${epochs[@]}" "${save[@]}" \
+    --max_seq_length "$ADORE_QUERY_LEN" --neg_topk "$ADORE_NEG_TOPK" --score_scale "$SCORE_SCALE" \
     --logging_steps "$(( SAMPLE == 1 ? 5 : 100 ))" "${DEV_ARGS[@]}" "${ADORE_FAISS[@]}"
 }
 
@@ -306,7 +383,7 @@ adore_rank() {
   for split in $(ranked_splits); do
     "$PY" -m adore.inference --model_dir "$1" --output_dir "$2" \
       --preprocess_dir "$PRE" --mode "$split" --dmemmap_path "$3" \
-      --overwrite "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
+      --max_seq_length "$ADORE_QUERY_LEN" --overwrite "${DEV_ARGS[@]}" "${FAISS_ARGS[@]}"
   done
 }
 
@@ -325,8 +402,10 @@ results() {
     none) ;;
     *) read -r -a curves <<< "--curves $CURVES" ;;
   esac
-  "$PY" -m results_table --root "$ROOT" --task "$KIND" --title "$TASK" --doc_length "$DOC_LEN" \
-    "${curves[@]}" "${DEV_ARGS[@]}"
+  local task=$KIND
+  [[ $TASK == beir ]] && task=beir
+  "$PY" -m results_table --root "$ROOT" --task "$task" --title "$TASK" --doc_length "$DOC_LEN" \
+    --query_length "$QUERY_LEN" --adore_query_length "$ADORE_QUERY_LEN" "${curves[@]}" "${DEV_ARGS[@]}"
 }
 
 # ------------------------------------------------------------------------------------------------------------
@@ -388,22 +467,34 @@ if [[ $TASK == released-* ]]; then
   echo "=== [$TASK] all stages done in $((SECONDS - TOTAL_START)) s; results in $RELEASED_EVAL/results"
   exit 0
 fi
-if [[ $SAMPLE == 1 ]]; then
-  stage sample generate_sample
+if [[ $TASK == beir ]]; then   # zero-shot first: mining reuses its corpus encoding (same model and length)
+  check_beir
+  stage init link_init
+  stage preprocess preprocess_beir
+  stage encode-warmup encode "$WARMUP" "$MINED"
+  stage mine mine
+  for model in inbatch rand; do
+    stage "$model" baseline "$model"
+  done
+  stage star star
 else
-  check_dataset
+  if [[ $SAMPLE == 1 ]]; then
+    stage sample generate_sample
+  else
+    check_dataset
+  fi
+  stage preprocess preprocess
+  case $TASK in
+    sample) stage warmup warmup_sample_passage ;;
+    passage) warmup_passage ;;
+    *) stage warmup warmup_doc ;;
+  esac
+  stage inbatch baseline inbatch
+  stage rand baseline rand
+  stage mine mine
+  stage star star
+  stage encode-warmup encode "$WARMUP" "$MINED"
 fi
-stage preprocess preprocess
-case $TASK in
-  sample) stage warmup warmup_sample_passage ;;
-  passage) warmup_passage ;;
-  *) stage warmup warmup_doc ;;
-esac
-stage inbatch baseline inbatch
-stage rand baseline rand
-stage mine mine
-stage star star
-stage encode-warmup encode "$WARMUP" "$MINED"
 for model in inbatch rand star; do
   stage "encode-$model" encode "$ROOT/train/$model" "$ROOT/evaluate/$model"
 done

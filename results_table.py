@@ -8,6 +8,8 @@ MRR@100 and R@100; Test and DL20 NDCG@10) and writes ``results.md`` (printed too
 :func:`compare`; the curves: :func:`evaluate_curves`.
 ``--published`` sets the released models' published figures beside ours (:func:`compare_published`);
 ``--released_runs`` the overlap with the released rank files.
+``--task beir`` (reproduce.sh's ``beir`` task): a zero-shot first row, dev and test nDCG@10, R@100 and
+MRR@10 (:func:`score_beir_rank_files`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ NAMES = {"warmup": "Warm-up", "inbatch": "Inbatch-Neg", "rand": "Rand-Neg", "sta
          "adore-inbatch": "ADORE(Inbatch-Neg)", "adore-rand": "ADORE(Rand-Neg)", "adore-star": "ADORE(STAR)"}
 TABLE_KEYS = ("inbatch", "rand", "star", "adore-inbatch", "adore-rand", "adore-star")
 COMPARISONS = (("adore-inbatch", "inbatch"), ("adore-rand", "rand"), ("adore-star", "star"), ("star", "inbatch"))
+BEIR_COMPARISONS = (("inbatch", "warmup"), ("rand", "warmup"), ("star", "warmup"), ("star", "rand"))
+BEIR_METRICS = {"nDCG@10": "ndcg10", "R@100": "r100", "MRR@10": "mrr"}   # metric -> field suffix, per split
 LOSS_TAGS = ("loss", "train/all_loss")   # star/train.py, adore/train.py
 SEARCH_DEPTH = 100
 NDCG_SPLITS = {"test": "test_ndcg10", "test2020": "dl20_ndcg10"}  # NDCG@10 field of TREC DL 2019 (test) and DL 2020
@@ -40,11 +44,22 @@ PUBLISHED_COLUMNS = ("task", "key", "name", *PUBLISHED_FIELDS)
 TOLERANCE = 0.002
 OVERLAP_DEPTHS = (10, 100)
 OVERLAP_SPLITS = ("dev", "test")   # the released Dev and TRECTest rank files
+BEIR_COLUMNS = {f"{split}_{suffix}": f"{split.capitalize()} {metric}"
+                for split in ("dev", "test") for metric, suffix in BEIR_METRICS.items()}
 
 
 # ==============================================================================================================
 # Table
 # ==============================================================================================================
+
+def names(task: str) -> dict[str, str]:
+    """Row names: :data:`NAMES`, the first row being the zero-shot initial model for ``beir``."""
+    return {**NAMES, "warmup": "Zero-shot"} if task == "beir" else NAMES
+
+
+def columns(task: str) -> dict[str, str]:
+    return BEIR_COLUMNS if task == "beir" else COLUMNS
+
 
 def mrr_depth(task: str) -> int:
     """MRR@10 for passages, MRR@100 for documents (the paper's metrics)."""
@@ -68,6 +83,20 @@ def score_rank_files(folder: Path, preprocess_dir: Path, depth: int,
         rank = folder / f"{split}.rank.tsv"
         row[NDCG_SPLITS[split]] = (evaluate_files(preprocess_dir / f"{split}-qrel.tsv", rank,
                                                   metrics=("nDCG@10",))["nDCG@10"] if rank.is_file() else None)
+    return row
+
+
+def score_beir_rank_files(folder: Path, preprocess_dir: Path) -> dict[str, Optional[float]]:
+    """nDCG@10, R@100 and MRR@10 (fields ``{split}_{ndcg10,r100,mrr}``) of ``folder/{split}.rank.tsv`` for each
+    of dev and test that has ``{split}-qrel.tsv``; None where the rank file is absent."""
+    row: dict[str, Optional[float]] = {}
+    for split in ("dev", "test"):
+        if not (preprocess_dir / f"{split}-qrel.tsv").is_file():
+            continue
+        rank = folder / f"{split}.rank.tsv"
+        scores = (evaluate_files(preprocess_dir / f"{split}-qrel.tsv", rank, metrics=tuple(BEIR_METRICS))
+                  if rank.is_file() else {})
+        row.update({f"{split}_{suffix}": scores.get(metric) for metric, suffix in BEIR_METRICS.items()})
     return row
 
 
@@ -99,23 +128,29 @@ def gather(root: PathLike, task: str, preprocess_dir: Optional[PathLike] = None
     folders = {key: rank_dir(root, key) for key in ("warmup", *TABLE_KEYS)}
     ranked = {key: {split for split in ("dev", *NDCG_SPLITS) if (folder / f"{split}.rank.tsv").is_file()}
               for key, folder in folders.items()}
+    if task == "beir":
+        return {key: score_beir_rank_files(folder, preprocess_dir) for key, folder in folders.items()
+                if ranked[key]}
     ndcg_splits = [split for split in NDCG_SPLITS if split == "test" or any(split in r for r in ranked.values())]
     return {key: score_rank_files(folder, preprocess_dir, mrr_depth(task), ndcg_splits)
             for key, folder in folders.items() if ranked[key]}
 
 
-def compare(rows: dict[str, dict[str, Optional[float]]]) -> list[dict[str, Any]]:
-    """For each (model, reference) of :data:`COMPARISONS` with both rows: is every metric at least as good?
+def compare(rows: dict[str, dict[str, Optional[float]]], task: str = "passage") -> list[dict[str, Any]]:
+    """For each (model, reference) of :data:`COMPARISONS` (and :data:`BEIR_COMPARISONS` for ``beir``: every trained
+    row against the zero-shot one, STAR against Rand-Neg) with both rows: is every metric at least as good?
 
     Comparisons: for each ADORE row against the model it starts from, and STAR against Inbatch-Neg, whether each
     metric is at least as good (``results.json["comparisons"]``, also listed under the table).
     """
     out = []
-    for model, reference in COMPARISONS:
+    pairs = COMPARISONS + (BEIR_COMPARISONS if task == "beir" else ())
+    for model, reference in pairs:
         if model in rows and reference in rows:
             metrics = {m: rows[model][m] >= rows[reference][m] for m in rows[model]
                        if rows[model][m] is not None and rows[reference][m] is not None}
-            out.append({"model": NAMES[model], "reference": NAMES[reference], "at_least_as_good": metrics})
+            out.append({"model": names(task)[model], "reference": names(task)[reference],
+                        "at_least_as_good": metrics})
     return out
 
 
@@ -125,11 +160,12 @@ def _fmt(value: Optional[float]) -> str:
 
 def markdown_table(rows: dict[str, dict[str, Optional[float]]], task: str, title: str) -> str:
     """The README-shaped table, one line per model present, one column per field of :data:`COLUMNS` present."""
-    fields = [field for field in COLUMNS if any(field in row for row in rows.values())]
-    header = [title] + [COLUMNS[field].format(depth=mrr_depth(task)) for field in fields]
+    heads = columns(task)
+    fields = [field for field in heads if any(field in row for row in rows.values())]
+    header = [title] + [heads[field].format(depth=mrr_depth(task)) for field in fields]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, row in rows.items():
-        lines.append("| " + " | ".join([NAMES[key]] + [_fmt(row[field]) for field in fields]) + " |")
+        lines.append("| " + " | ".join([names(task)[key]] + [_fmt(row.get(field)) for field in fields]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -435,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m results_table", description=__doc__.split("\n\n")[0],
                                      epilog="The layout read and the outputs: results_table.gather.")
     parser.add_argument("--root", required=True, help="task folder of reproduce.sh, e.g. data/sample/passage")
-    parser.add_argument("--task", choices=("passage", "doc"), default="passage",
-                        help="passage: Dev MRR@10; doc: Dev MRR@100 (default %(default)s)")
+    parser.add_argument("--task", choices=("passage", "doc", "beir"), default="passage",
+                        help="passage: Dev MRR@10; doc: Dev MRR@100; beir: nDCG@10, R@100 and MRR@10 of dev and "
+                             "test (default %(default)s)")
     parser.add_argument("--title", default=None, help="first header cell of the table (default: the task)")
     parser.add_argument("--out_dir", default=None, help="output folder (default ROOT/results)")
     parser.add_argument("--preprocess_dir", default=None,
@@ -474,16 +511,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def tabulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Gather the metrics, score the curves, write and print the table, as ``args`` say."""
     preprocess_dir = Path(args.preprocess_dir or root / "preprocess")
-    if not (preprocess_dir / "dev-qrel.tsv").is_file():
-        raise InputError("no dev-qrel.tsv in the preprocess folder (--root: a reproduce.sh task folder)",
-                         path=preprocess_dir)
+    qrels = ("dev", "test") if args.task == "beir" else ("dev",)
+    if not any((preprocess_dir / f"{split}-qrel.tsv").is_file() for split in qrels):
+        raise InputError(f"no {' or '.join(f'{s}-qrel.tsv' for s in qrels)} in the preprocess folder (--root: a "
+                         "reproduce.sh task folder)", path=preprocess_dir)
     published = read_published(require_file(args.published, "--published table"), args.task) \
         if args.published else None
     out = Path(args.out_dir or root / "results")
     rows = gather(root, args.task, preprocess_dir)
     if not rows:
         raise InputError("no rank files found (evaluate/*/dev.rank.tsv)", path=root)
-    comparisons = compare(rows)
+    comparisons = compare(rows, args.task)
     title = args.title or args.task
     against_paper = compare_published(rows, published, args.tolerance) if published is not None else None
     table = (markdown_table(rows, args.task, title) if against_paper is None
@@ -501,7 +539,8 @@ def tabulate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     losses = {key: read_loss(training_folder(root, key) / "log") for key in TABLE_KEYS}
     plotted = plot_curves(losses, curves, mrr_depth(args.task), out / "curves.png")
 
-    result = {"task": args.task, "metrics": {NAMES[k]: v for k, v in rows.items()}, "comparisons": comparisons,
+    result = {"task": args.task, "metrics": {names(args.task)[k]: v for k, v in rows.items()},
+              "comparisons": comparisons,
               "dev_mrr_curves": {NAMES[k]: v for k, v in curves.items()},
               "loss_curves": {NAMES[k]: v for k, v in losses.items() if v},
               "plot": str(out / "curves.png") if plotted else None}

@@ -56,7 +56,7 @@ EPOCH_PREFIX = "epoch-"
 TOP_METRIC_DEPTH = 10     # train/mrr_10 and train/recall_10
 # settings that decide the data order and the loss: a resume with other values is not exact
 RESUME_KEYS = ("seed", "per_gpu_batch_size", "gradient_accumulation_steps", "max_seq_length", "neg_topk",
-               "metric_cut", "append_missing_positives")
+               "metric_cut", "append_missing_positives", "score_scale")
 ADORE_FLAGS = TrainerFlags(
     learning_rate=5e-6, num_train_epochs=6.0, warmup_steps=2000, logging_steps=100,
     init_help="initial query encoder (e.g. the STAR model)",
@@ -353,11 +353,12 @@ class LossSettings:
     append: str
     metric_cut: int
     divisor: float  # per_gpu_batch_size × gradient_accumulation_steps (nominal, faithful)
+    score_scale: float = 1.0  # γ inside the softplus (1: the paper's loss)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LossSettings":
         return cls(args.neg_topk, args.append_missing_positives, args.metric_cut,
-                   float(args.per_gpu_batch_size * args.gradient_accumulation_steps))
+                   float(args.per_gpu_batch_size * args.gradient_accumulation_steps), args.score_scale)
 
 
 def micro_batch_loss(model: torch.nn.Module, index: TrainingIndex | ShardedIndex, inputs: dict[str, torch.Tensor],
@@ -370,7 +371,8 @@ def micro_batch_loss(model: torch.nn.Module, index: TrainingIndex | ShardedIndex
     scores = candidate_scores(index, q, candidates)
     labels = torch.from_numpy(candidates.labels).to(device)
     lengths = torch.from_numpy(candidates.lengths).to(device)
-    return adore_batch_loss(scores, labels, settings.metric_cut, settings.divisor, lengths), candidates
+    return adore_batch_loss(scores, labels, settings.metric_cut, settings.divisor, lengths,
+                            settings.score_scale), candidates
 
 
 # ----------------------------------------------------------------------------------------------------------

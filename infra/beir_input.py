@@ -2,7 +2,7 @@
 
 Layout of ``--data_dir`` (UTF-8, one JSON object per line, LF or CRLF line ends; blank lines are an error)::
 
-    corpus.jsonl        {"_id": "CACM-0001", "title": "...", "text": "..."}   (other keys ignored)
+    corpus.jsonl        {"_id": "CACM-0001", "title": "...", "text": "..."}   ("title" optional; other keys ignored)
     queries.jsonl       {"_id": "1", "text": "..."}                             (other keys ignored)
     qrels/train.tsv     header line ``query-id<TAB>corpus-id<TAB>score``, then one line per judgment
     qrels/dev.tsv       (each split of :data:`SPLITS` whose qrels file exists is written; at least one must)
@@ -11,9 +11,10 @@ Layout of ``--data_dir`` (UTF-8, one JSON object per line, LF or CRLF line ends;
 Rules: ``_id``, ``title`` and ``text`` are JSON strings (an id non-empty and without whitespace, since rank and
 run files split their columns on whitespace); an id is unique within its file; a qrels line names a query of
 ``queries.jsonl`` and a document of ``corpus.jsonl``; its score is an integer, kept as written.  A split keeps
-the queries its qrels name, in ``queries.jsonl`` order.  A document's text is ``title<sep>text`` of the
-right-stripped fields, the join of the MS MARCO document task (``<sep>`` is passed in by the caller); a query's
-text is right-stripped, as an MS MARCO query's.  Anything else raises :class:`infra.io.InputError` naming the
+the queries its qrels name, in ``queries.jsonl`` order.  A document's text is ``(title + " " + text).strip()``,
+the text alone when the title is missing or empty: how BEIR, sentence-transformers and MTEB encode a document
+(BEIR's ``models/sentence_bert.py``), so that a zero-shot figure is the published one; a query's text is
+right-stripped, as an MS MARCO query's.  Anything else raises :class:`infra.io.InputError` naming the
 file, the line and the value.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from infra.io import InputError, iter_lines, parse_int, require_file
 CORPUS, QUERIES, QRELS_DIR = "corpus.jsonl", "queries.jsonl", "qrels"
 SPLITS = ("train", "dev", "test")
 QRELS_HEADER = ("query-id", "corpus-id", "score")
+CORPUS_KEYS = ("_id", "title", "text")
 
 
 class BeirSplit(NamedTuple):
@@ -39,8 +41,10 @@ class BeirSplit(NamedTuple):
     qrels: list[tuple[int, int, str]]
 
 
-def iter_records(path: Path, keys: Sequence[str], what: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, the string values of ``keys``) per line of a JSON-lines file; ``keys[0]`` is the id."""
+def iter_records(path: Path, keys: Sequence[str], what: str,
+                 optional: Sequence[str] = ()) -> Iterator[tuple[int, list[str]]]:
+    """(line number, the string values of ``keys``) per line of a JSON-lines file; ``keys[0]`` is the id; a key of
+    ``optional`` that a line lacks reads as ``""``."""
     for number, line in iter_lines(path, what):
         try:
             record = json.loads(line)
@@ -50,6 +54,9 @@ def iter_records(path: Path, keys: Sequence[str], what: str) -> Iterator[tuple[i
             raise InputError("not a JSON object", path=path, line=number, value=line[:120])
         values = []
         for key in keys:
+            if key not in record and key in optional:
+                values.append("")
+                continue
             if key not in record:
                 raise InputError(f"missing field {key!r}", path=path, line=number, value=line[:120])
             if not isinstance(record[key], str):
@@ -61,12 +68,13 @@ def iter_records(path: Path, keys: Sequence[str], what: str) -> Iterator[tuple[i
         yield number, values
 
 
-def _unique_records(path: Path, keys: Sequence[str], what: str, keep: bool) -> dict[str, list[str]]:
+def _unique_records(path: Path, keys: Sequence[str], what: str, keep: bool,
+                    optional: Sequence[str] = ()) -> dict[str, list[str]]:
     """{id: the other values (``[]`` unless ``keep``)} of a JSON-lines file in line order, every line validated;
     a repeated id or an empty file raises."""
     seen: dict[str, int] = {}
     records: dict[str, list[str]] = {}
-    for number, (rid, *values) in iter_records(path, keys, what):
+    for number, (rid, *values) in iter_records(path, keys, what, optional):
         if rid in seen:
             raise InputError(f"duplicate _id (first on line {seen[rid]})", path=path, line=number, value=rid)
         seen[rid] = number
@@ -79,16 +87,21 @@ def _unique_records(path: Path, keys: Sequence[str], what: str, keep: bool) -> d
 def scan_corpus(data_dir: Path) -> np.ndarray:
     """The document ids of ``corpus.jsonl`` (:func:`string_ids`, line order), every line validated."""
     path = require_file(data_dir / CORPUS, "corpus")
-    return string_ids(_unique_records(path, ("_id", "title", "text"), "corpus", keep=False))
+    return string_ids(_unique_records(path, CORPUS_KEYS, "corpus", keep=False, optional=("title",)))
 
 
-def corpus_texts(data_dir: Path, ids: np.ndarray, sep: str, max_chars: int) -> Iterator[str]:
-    """Second pass over ``corpus.jsonl``: ``title<sep>text`` cut to ``max_chars``, checked against ``ids``."""
+def document_text(title: str, text: str) -> str:
+    """BEIR's document string ``(title + " " + text).strip()``: the stripped text alone for an empty title."""
+    return (title + " " + text).strip()
+
+
+def corpus_texts(data_dir: Path, ids: np.ndarray, max_chars: int) -> Iterator[str]:
+    """Second pass over ``corpus.jsonl``: :func:`document_text` cut to ``max_chars``, checked against ``ids``."""
     path = data_dir / CORPUS
-    for number, (rid, title, text) in iter_records(path, ("_id", "title", "text"), "corpus"):
+    for number, (rid, title, text) in iter_records(path, CORPUS_KEYS, "corpus", optional=("title",)):
         if number > len(ids) or rid != ids[number - 1]:
             raise InputError("the corpus changed while it was being read", path=path, line=number)
-        yield sep.join((title.rstrip(), text.rstrip()))[:max_chars]
+        yield document_text(title, text)[:max_chars]
 
 
 def qrels_paths(data_dir: Path) -> list[tuple[str, Path]]:

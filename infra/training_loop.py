@@ -70,6 +70,10 @@ def add_training_args(parser: argparse.ArgumentParser, flags: TrainerFlags) -> a
                    help="weight decay")
     g.add_argument("--adam_epsilon", type=ct.non_negative_float, default=1e-8, help="Lamb/AdamW epsilon")
     g.add_argument("--max_grad_norm", type=ct.finite_float, default=1.0, help=flags.clip_help)
+    g.add_argument("--score_scale", type=ct.positive_float, default=1.0,
+                   help="multiplies every score gap inside the loss's softplus (an inverse temperature); 1 is the "
+                        "paper's loss; about 20 suits L2-normalised encoders such as sentence-transformers models, "
+                        "whose cosine scores lie in [-1, 1] (docs/own-collection.md)")
     g.add_argument("--num_train_epochs", type=ct.non_negative_float, default=flags.num_train_epochs,
                    help="schedule length in epochs")
     g.add_argument("--max_steps", type=ct.int_range(-1), default=-1,

@@ -48,7 +48,7 @@ READ_AHEAD_STEPS = 2  # optimizer steps of batches collated ahead in a thread (w
 # settings that decide the data order / batch composition (with the world size): a resume with other values is
 # not exact
 RESUME_KEYS = ("negative_mode", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "hard_num",
-               "rand_num", "max_query_length", "max_doc_length")
+               "rand_num", "max_query_length", "max_doc_length", "score_scale")
 STAR_FLAGS = TrainerFlags(
     learning_rate=1e-4, num_train_epochs=100.0, warmup_steps=1000, logging_steps=50,
     init_help="warm-up model folder (e.g. ANCE's)",
@@ -179,11 +179,11 @@ class BatchEncoder(torch.nn.Module):
 
 
 def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[torch.Tensor],
-               batch: dict[str, Any], rel_dict: dict[int, list[int]]) -> torch.Tensor:
+               batch: dict[str, Any], rel_dict: dict[int, list[int]], score_scale: float = 1.0) -> torch.Tensor:
     """This process's loss for one (micro-)batch of embeddings, in float32.
 
     One process: the pairwise loss of the mode (``star_loss`` / ``inbatch_loss`` / ``randneg_loss`` with the
-    collator's masks).  Under DDP: the candidates (positives for inbatch; random docs for rand; positives and
+    collator's masks; ``score_scale`` is their γ).  Under DDP: the candidates (positives for inbatch; random docs for rand; positives and
     hard docs for star) of ALL ranks are gathered with :func:`infra.distributed.all_gather_with_grad`, the masks are
     rebuilt against them from the gathered ids, and the same pooled formula over local queries × global
     candidates (``randneg_loss`` = Σ mask·sp(q_i·c_k − q_i·d_i) / Σ mask) is rescaled to
@@ -192,10 +192,10 @@ def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[tor
     """
     if get_world_size() == 1:
         if mode == "star":
-            return star_loss(q, d, others, batch["rel_pair_mask"], batch["other_pair_mask"])
+            return star_loss(q, d, others, batch["rel_pair_mask"], batch["other_pair_mask"], score_scale)
         if mode == "rand":
-            return randneg_loss(q, d, others, batch["other_pair_mask"])
-        return inbatch_loss(q, d, batch["rel_pair_mask"])
+            return randneg_loss(q, d, others, batch["other_pair_mask"], score_scale)
+        return inbatch_loss(q, d, batch["rel_pair_mask"], score_scale)
     ids = all_gather_object((batch["pos_ids"], batch.get("other_ids", [])))
     parts, cand_ids = [], []
     if mode in ("star", "inbatch"):
@@ -205,33 +205,35 @@ def batch_loss(mode: str, q: torch.Tensor, d: torch.Tensor, others: Optional[tor
         parts.append(all_gather_with_grad(others, [len(other) for _, other in ids]))
         cand_ids += [o for _, other in ids for o in other]
     mask = not_relevant_mask(batch["qids"], cand_ids, rel_dict).to(q.device)
-    local_mean = randneg_loss(q, d, torch.cat(parts), mask)
+    local_mean = randneg_loss(q, d, torch.cat(parts), mask, score_scale)
     local_count = mask.sum()
     global_count = all_reduce_sum(local_count)
     return local_mean * local_count / global_count.clamp(min=1.0) * get_world_size()
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, Any], mode: str, rel_dict: dict[int, list[int]],
-                 device: torch.device, fp16: bool = False, bf16: bool = False) -> torch.Tensor:
+                 device: torch.device, fp16: bool = False, bf16: bool = False,
+                 score_scale: float = 1.0) -> torch.Tensor:
     """Encode a collated batch (under autocast if asked) and return :func:`batch_loss` (computed in fp32).
     ``model`` is a :class:`BatchEncoder`, possibly wrapped in DDP."""
     batch = to_device(batch, device)
     with autocast_context(device, fp16, bf16):
         q, d, others = model(batch)
     with fp32_context(device):
-        return batch_loss(mode, q.float(), d.float(), None if others is None else others.float(), batch, rel_dict)
+        return batch_loss(mode, q.float(), d.float(), None if others is None else others.float(), batch, rel_dict,
+                          score_scale)
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: Iterable[dict[str, Any]], n_micro: int, mode: str,
                          rel_dict: dict[int, list[int]], device: torch.device, scaler: torch.amp.GradScaler,
-                         fp16: bool = False, bf16: bool = False) -> torch.Tensor:
+                         fp16: bool = False, bf16: bool = False, score_scale: float = 1.0) -> torch.Tensor:
     """Forward + backward over the ``n_micro`` micro-batches of one optimizer step (each loss divided by
     ``n_micro``; DDP gradient sync only on the last).  Returns this rank's summed loss (detached)."""
     total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         no_sync = isinstance(model, DistributedDataParallel) and i < n_micro - 1
         with model.no_sync() if no_sync else contextlib.nullcontext():
-            loss = forward_loss(model, batch, mode, rel_dict, device, fp16, bf16) / n_micro
+            loss = forward_loss(model, batch, mode, rel_dict, device, fp16, bf16, score_scale) / n_micro
             scaler.scale(loss).backward()
         total += loss.detach()
     return total
@@ -255,7 +257,8 @@ class StarStep(StepDriver):
     def step(self, micro_batches: Iterator[dict[str, Any]], n_micro: int) -> dict[str, Any]:
         a, run = self.args, self.run
         self.window_loss += accumulate_gradients(self.wrapped, micro_batches, n_micro, a.negative_mode,
-                                                 self.rel_dict, self.info.device, run.scaler, a.fp16, a.bf16)
+                                                 self.rel_dict, self.info.device, run.scaler, a.fp16, a.bf16,
+                                                 a.score_scale)
         optimizer_step(self.parameters, run.optimizer, run.scheduler, run.scaler, a.max_grad_norm)
         return {}
 

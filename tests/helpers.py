@@ -324,7 +324,7 @@ def cacm_qrels(cacm: Path) -> dict[str, list[str]]:
 
 def write_cacm_layouts(cacm: Path, beir: Path, msmarco: Path, test_every: int = 4) -> dict[str, dict]:
     """CACM as a BEIR folder (string ids) and as an MS MARCO passage folder (ids = the numbers, text =
-    ``title<sep>text``, preprocess's join of BEIR fields): every ``test_every``-th judged topic is in the test split,
+    ``(title + " " + text).strip()``, preprocess's join of BEIR fields): every ``test_every``-th judged topic is in the test split,
     the others in train.  Returns {split: {qid: relevant docids}}."""
     docs, topics, qrels = cacm_documents(cacm), cacm_topics(cacm), cacm_qrels(cacm)
     judged = sorted(qrels, key=int)
@@ -337,7 +337,7 @@ def write_cacm_layouts(cacm: Path, beir: Path, msmarco: Path, test_every: int = 
     (beir / "corpus.jsonl").write_text("\n".join(beir_lines) + "\n", encoding="utf-8")
     (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in topics.items()),
                                         encoding="utf-8")
-    (msmarco / "collection.tsv").write_text("".join(f"{int(d[5:])}\t{t}<sep>{x}\n" for d, t, x in docs),
+    (msmarco / "collection.tsv").write_text("".join(f"{int(d[5:])}\t{(t + ' ' + x).strip()}\n" for d, t, x in docs),
                                             encoding="utf-8")
     files = {"train": ("queries.train.tsv", "qrels.train.tsv"),
              "test": ("msmarco-test2019-queries.tsv", "2019qrels-pass.txt")}

@@ -66,7 +66,7 @@ def test_beir_writes_string_id_maps_and_offset_qrels(tmp_path, bert):
     ("corpus.jsonl", GOOD["corpus.jsonl"] + b'{"_id": "d-c", "title": "t", "text": \n', "not a JSON object", 3,
      '{"_id": "d-c", "title": "t", "text": '),
     ("queries.jsonl", jsonl({"_id": "q1"}), "missing field 'text'", 1, '{"_id": "q1"}'),
-    ("corpus.jsonl", jsonl({"_id": "d-a", "text": "x"}), "missing field 'title'", 1, '{"_id": "d-a", "text": "x"}'),
+    ("corpus.jsonl", jsonl({"_id": "d-a", "title": "x"}), "missing field 'text'", 1, '{"_id": "d-a", "title": "x"}'),
     ("corpus.jsonl", jsonl({"_id": 7, "title": "", "text": "x"}), "field '_id' is not a string", 1, 7),
     ("corpus.jsonl", jsonl({"_id": "d a", "title": "", "text": "x"}), "hold no whitespace", 1, "d a"),
     ("qrels/test.tsv", b"q1\td-a\t1\n", "expected the header line", 1, "q1\td-a\t1"),
@@ -81,6 +81,22 @@ def test_beir_bad_input_names_file_line_value_and_writes_nothing(tmp_path, bert,
                               input_format="beir")
     assert (info.value.path, info.value.line, info.value.value) == (str(folder / name), line, value)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_beir_documents_are_joined_as_beir_encodes_them(tmp_path, bert):
+    """(title + " " + text).strip(), the text alone when the title is missing or empty (BEIR, sentence-transformers,
+    MTEB): the token rows equal the HF tokenizer's ids of that string, computed here directly."""
+    records = [{"_id": "t", "title": " Hello ", "text": "the cat "}, {"_id": "e", "title": "", "text": " dog a "},
+               {"_id": "m", "text": "sat on the mat"}, {"_id": "w", "title": "world", "text": ""}]
+    files = {**GOOD, "corpus.jsonl": jsonl(*records), "qrels/test.tsv": HEADER + b"q1\tt\t1\n"}
+    out = tmp_path / "out"
+    preprocess.preprocess(beir_folder(tmp_path, files), out, preprocess.PASSAGE, bert, max_seq_length=16,
+                          max_query_length=6, input_format="beir")
+    direct = [(r.get("title", "") + " " + r["text"]).strip() for r in records]
+    assert direct == ["Hello  the cat", "dog a", "sat on the mat", "world"]
+    rows = np.fromfile(out / "passages.memmap", dtype=np.int32).reshape(len(records), 16)
+    lengths = np.load(out / "passages_length.npy")
+    assert [row[:n].tolist() for row, n in zip(rows, lengths)] == bert(direct)["input_ids"]
 
 
 def test_beir_without_qrels_is_refused(tmp_path, bert):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from helpers import reference_metrics, run, write_cacm_layouts
-from preprocess import DOC_FIELD_SEP
 
 pytestmark = pytest.mark.slow  # every test here shares an expensive module fixture
 
@@ -66,7 +65,7 @@ def test_zero_shot_minilm_equals_transformers_then_a_short_star_run(cacm, minilm
     topics = cacm_topics(shared_dir / "data" / "cacm")
     test = cacm["splits"]["test"]
     zero_shot = star_ndcg10(cacm, minilm_dir, "zero-shot")
-    doc_emb = direct_embeddings(minilm_dir, [f"{t.rstrip()}{DOC_FIELD_SEP}{x.rstrip()}" for _, t, x in docs], DOC_LEN)
+    doc_emb = direct_embeddings(minilm_dir, [(t + " " + x).strip() for _, t, x in docs], DOC_LEN)
     query_emb = direct_embeddings(minilm_dir, [topics[q].rstrip() for q in test], QUERY_LEN)
     direct = reference_metrics(doc_emb, query_emb, list(test), np.array([d for d, _, _ in docs]), test, 10)
     print(f"CACM test split (13 topics): zero-shot all-MiniLM-L6-v2 nDCG@10 {zero_shot:.4f}, "

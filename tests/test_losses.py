@@ -230,3 +230,57 @@ def test_batch_loss_low_precision_scores_in_fp32():
     loss = adore_batch_loss(rows, labels, 5, 4)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(adore_batch_loss([r.float() for r in rows], labels, 5, 4).item(), rel=1e-7)
+
+
+# -- score scale (γ inside the softplus) -------------------------------------------------------------------------
+
+def scaled(gamma: float):
+    return lambda x: softplus(gamma * x)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 20.0])
+def test_scaled_pairwise_losses_match_their_formulas(gamma):
+    """softplus(γ·(s_neg − s_pos)), written with loops, for the three STAR-type losses."""
+    sp = scaled(gamma)
+    assert inbatch_loss(t(Q), t(D), t(M), gamma).item() == pytest.approx(ref_pooled(Q, D, [(D, M)], sp), rel=1e-6)
+    assert randneg_loss(t(Q), t(D), t(H), t(N), gamma).item() == pytest.approx(ref_pooled(Q, D, [(H, N)], sp),
+                                                                             rel=1e-6)
+    assert star_loss(t(Q), t(D), t(H), t(M), t(N), gamma).item() == pytest.approx(
+        ref_pooled(Q, D, [(D, M), (H, N)], sp), rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 20.0])
+def test_scaled_adore_losses_match_their_formula(gamma):
+    sp = scaled(gamma)
+    scores, labels = BATCH[0]
+    one = adore_query_loss(t(scores), torch.tensor(labels), 4, score_scale=gamma)
+    assert one.item() == pytest.approx(ref_adore(scores, labels, 4, sp), rel=1e-6)
+    batch = adore_batch_loss([t(s) for s, _ in BATCH], [torch.tensor(y) for _, y in BATCH], 4, 8, score_scale=gamma)
+    assert batch.item() == pytest.approx(sum(ref_adore(s, y, 4, sp) for s, y in BATCH) / 8, rel=1e-6)
+
+
+def test_scale_one_is_bitwise_the_unscaled_loss_and_gradient():
+    """γ = 1 (the default, the paper's loss) against the unscaled pooled softplus computed here in torch."""
+    q = t(Q, requires_grad=True)
+    expected = (t(M) * torch.nn.functional.softplus(q @ t(D).T - (q * t(D)).sum(1, keepdim=True))).sum() / t(M).sum()
+    expected.backward()
+    want = q.grad.clone()
+    q.grad = None
+    loss = inbatch_loss(q, t(D), t(M), score_scale=1.0)
+    loss.backward()
+    assert torch.equal(loss, expected) and torch.equal(q.grad, want)
+
+
+def test_scaling_the_queries_equals_scaling_the_scores():
+    """Scores are linear in q, so γ·q with γ = 1 gives the loss of q with score_scale γ."""
+    gamma = 7.0
+    assert star_loss(t(Q), t(D), t(H), t(M), t(N), gamma).item() == pytest.approx(
+        star_loss(gamma * t(Q), t(D), t(H), t(M), t(N)).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0, float("inf"), float("nan"), True])
+def test_score_scale_must_be_positive_and_finite(gamma):
+    with pytest.raises(ValueError, match="score_scale"):
+        inbatch_loss(t(Q), t(D), t(M), gamma)
+    with pytest.raises(ValueError, match="score_scale"):
+        adore_batch_loss([t([0.1, 0.2])], [torch.tensor([True, False])], 2, divisor=1, score_scale=gamma)

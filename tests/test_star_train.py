@@ -69,9 +69,11 @@ def test_accumulation_bf16_checkpointing_and_save_limit(data, tmp_path):
     assert not (out / "log").exists()
 
 
-def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, tmp_path):
+@pytest.mark.parametrize("scale", [None, 20.0], ids=["faithful", "score_scale_20"])
+def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, tmp_path, scale):
     """Rebuild step 1's batch by hand (same sampler/dataset/collator) and compare the logged loss to STAR's
-    pooled pairwise formula (the original model.py's RobertaDot_InBatch) written with plain loops."""
+    pooled pairwise formula (the original model.py's RobertaDot_InBatch) written with plain loops; with
+    ``--score_scale γ`` every score gap is multiplied by γ inside the softplus."""
     from infra.batch_plan import GlobalBatchSampler
     from dataset import (TokenIdsCache, TrainCollator, TrainInbatchWithHardDataset, load_hardneg, load_rel)
     from model import DenseEncoder
@@ -79,7 +81,8 @@ def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, t
 
     d = data_no_dropout
     out = tmp_path / "out"
-    star_train.main(star_cli_args(d, out, "star", "--max_steps", "1"))
+    star_train.main(star_cli_args(d, out, "star", "--max_steps", "1", *(["--score_scale", str(scale)] if scale else [])))
+    gamma = scale or 1.0
     logged = read_scalars(out / "log")["loss"][0][1]
 
     rel = load_rel(d["pre"] / "train-qrel.tsv")
@@ -99,7 +102,7 @@ def test_logged_loss_is_the_pooled_formula_on_the_first_batch(data_no_dropout, t
         for docs, ids in ((p, [it["pos_id"] for it in items]), (h, [e for it in items for e in it["extra_ids"]])):
             for k, doc_id in enumerate(ids):
                 if doc_id not in rel[item["qid"]]:
-                    total += float(np.logaddexp(0.0, float(q[i] @ docs[k]) - positive))
+                    total += float(np.logaddexp(0.0, gamma * (float(q[i] @ docs[k]) - positive)))
                     count += 1
     assert count >= 4 * 3 + 4 * 8 - 4  # only a few pairs masked
     assert logged == pytest.approx(total / count, rel=1e-5)
